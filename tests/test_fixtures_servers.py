@@ -1,0 +1,72 @@
+"""The server fixtures are what the integration tests stand on: prove they are real and behave as promised."""
+
+import signal
+
+import pytest
+import redis
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+pytestmark = pytest.mark.integration
+pytest_plugins = ["tests.fixtures_servers"]
+
+
+def test_s3_put_then_get_returns_the_same_bytes(s3_server, s3_bucket):
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="run/images/000001.png", Body=b"\x89PNG fake bytes")
+
+    body = client.get_object(Bucket=s3_bucket, Key="run/images/000001.png")["Body"].read()
+
+    assert body == b"\x89PNG fake bytes"
+
+
+def test_s3_refuses_a_request_signed_with_the_wrong_secret(s3_server, s3_bucket):
+    intruder = s3_server.client(secret_key="not-the-secret", retries=0)
+
+    with pytest.raises(ClientError) as refused:
+        intruder.put_object(Bucket=s3_bucket, Key="x", Body=b"x")
+
+    assert refused.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
+
+
+def test_s3_refuses_an_unknown_access_key(s3_server, s3_bucket):
+    stranger = s3_server.client(access_key="AKUNKNOWN0000000000", secret_key="whatever", retries=0)
+
+    with pytest.raises(ClientError) as refused:
+        stranger.get_object(Bucket=s3_bucket, Key="x")
+
+    assert refused.value.response["Error"]["Code"] == "InvalidAccessKeyId"
+
+
+def test_s3_keeps_its_objects_across_a_kill_and_restart_on_the_same_ports(s3_server, s3_bucket):
+    s3_server.client().put_object(Bucket=s3_bucket, Key="survivor", Body=b"still here")
+    endpoint = s3_server.endpoint_url
+
+    s3_server.stop(signal.SIGKILL)
+    with pytest.raises(EndpointConnectionError):
+        s3_server.client(retries=0, timeout_s=0.5).head_object(Bucket=s3_bucket, Key="survivor")
+    s3_server.start()
+
+    assert s3_server.endpoint_url == endpoint
+    assert s3_server.client().get_object(Bucket=s3_bucket, Key="survivor")["Body"].read() == b"still here"
+
+
+def test_s3_env_gives_a_subprocess_credentials_only_through_standard_variables(s3_server):
+    env = s3_server.env()
+
+    assert env == {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+                   "AWS_DEFAULT_REGION": s3_server.region, "SDBATCH_S3_ENDPOINT_URL": s3_server.endpoint_url}
+
+
+def test_redis_url_is_an_empty_db_of_the_shared_server_owned_by_this_test(redis_url):
+    client = redis.Redis.from_url(redis_url)
+
+    assert client.dbsize() == 0
+    assert client.connection_pool.connection_kwargs["db"] != 0
+
+
+def test_redis_server_with_aof_keeps_its_data_across_a_kill(redis_server):
+    redis.Redis.from_url(redis_server.url()).rpush("sdbatch", "job-1", "job-2")
+
+    redis_server.restart(signal.SIGKILL)
+
+    assert redis.Redis.from_url(redis_server.url()).lrange("sdbatch", 0, -1) == [b"job-1", b"job-2"]
