@@ -1,0 +1,208 @@
+"""The SD 1.5 denoising U-Net: (noisy latents, timesteps, text context) -> predicted noise.
+
+Attribute names follow `model.diffusion_model.*` of the original checkpoint (input_blocks, middle_block,
+output_blocks, in_layers, emb_layers, out_layers, transformer_blocks, attn1, attn2 ...).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import UNetConfig
+from .attention import attention
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [B] -> [B, dim], cosines first (diffusers' flip_sin_to_cos=True, shift 0)."""
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    args = timesteps[:, None].float() * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(groups, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
+        # Index 2 held the (inference-time no-op) dropout; keeping the slot keeps `out_layers.3` loadable.
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(groups, out_ch), nn.SiLU(), nn.Identity(), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        )
+        self.skip_connection = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from image tokens to `context` tokens (itself when context is None)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        # Index 1 held the dropout; the slot keeps `ff.net.2` loadable.
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = CrossAttention(dim, dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Image feature map -> tokens -> transformer block -> feature map, plus the residual."""
+
+    def __init__(self, ch: int, context_dim: int, heads: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, context_dim, heads)])
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2:]
+        tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        return self.proj_out(tokens.transpose(1, 2).unflatten(2, (h, w))) + x
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A U-Net stage: hands the time embedding to ResBlocks and the text context to SpatialTransformers."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    def __init__(self, cfg: UNetConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or UNetConfig()
+        chs, n_res, g, emb_dim = cfg.block_channels, cfg.layers_per_block, cfg.norm_groups, cfg.time_embed_dim
+
+        def stage(in_ch: int, out_ch: int, level: int) -> list[nn.Module]:
+            layers = [ResBlock(in_ch, out_ch, emb_dim, g)]
+            if cfg.attention_levels[level]:
+                layers.append(SpatialTransformer(out_ch, cfg.context_dim, cfg.heads, g))
+            return layers
+
+        self.time_embed = nn.Sequential(nn.Linear(chs[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1))]
+        )
+        skip_chs, ch = [chs[0]], chs[0]
+        for level, out_ch in enumerate(chs):
+            for _ in range(n_res):
+                self.input_blocks.append(TimestepEmbedSequential(*stage(ch, out_ch, level)))
+                ch = out_ch
+                skip_chs.append(ch)
+            if level < len(chs) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_chs.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, ch, emb_dim, g),
+            SpatialTransformer(ch, cfg.context_dim, cfg.heads, g),
+            ResBlock(ch, ch, emb_dim, g),
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, out_ch in reversed(list(enumerate(chs))):
+            for i in range(n_res + 1):
+                layers = stage(ch + skip_chs.pop(), out_ch, level)
+                ch = out_ch
+                if level > 0 and i == n_res:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            nn.GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        )
+
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor
+    ) -> torch.Tensor:
+        """latents [B, 4, h, w], timesteps [B] or scalar, context [B, 77, context_dim] -> eps [B, 4, h, w]."""
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.block_channels[0]).to(x.dtype))
+
+        skips = []
+        for block in self.input_blocks:
+            x = block(x, emb, context)
+            skips.append(x)
+        x = self.middle_block(x, emb, context)
+        for block in self.output_blocks:
+            x = block(torch.cat([x, skips.pop()], dim=1), emb, context)
+        return self.out(x)
