@@ -1,0 +1,83 @@
+"""The Celery app. `celery -A worker.app worker|flower|inspect ...` builds it from the config file named by
+$SDBATCH_CONFIG (`sdbatch worker --config CFG` sets it); clients build their own with `make_app(settings)`.
+
+Delivery guarantees (issue 5) come from these settings, not from code:
+- json only, both ways (`accept_content`): no pickle on the wire, a pickled message is refused unread;
+- `task_acks_late` + `task_reject_on_worker_lost`: a message is acknowledged after its images are stored;
+  if the pool process dies mid-batch the message goes straight back to the queue;
+- if the whole worker dies, Redis keeps the message in its unacked set and kombu restores it once it is older
+  than `visibility_timeout` (= limits.batch_time_limit + 15 s, so never while a live worker still runs it),
+  scanning every `unacked_restore_interval` seconds: with the default 40 s limit a lost batch is back in the
+  queue within a minute;
+- `worker_prefetch_multiplier=1`: a worker holds one batch, so a killed worker strands at most that one.
+"""
+
+from __future__ import annotations
+
+import ssl
+from urllib.parse import urlsplit
+
+from celery import Celery
+
+from worker.config import Settings, from_env
+
+RESTORE_INTERVAL_S = 5
+VISIBILITY_MARGIN_S = 15
+
+
+def celery_config(settings: Settings) -> dict:
+    limits = settings.limits
+    transport = {
+        "visibility_timeout": limits.batch_time_limit + VISIBILITY_MARGIN_S,
+        # kombu scans for expired unacked messages every interval * throttle seconds (10 * 10 by default)
+        "unacked_restore_interval": RESTORE_INTERVAL_S,
+        "unacked_restore_throttle": 1,
+        # a publish to a broker that vanished without closing the socket fails instead of hanging
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+    }
+    conf = {
+        "broker_url": settings.broker.url,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # ride out a Redis restart however long it takes
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,  # results live in storage and in the progress counters
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.broker.queue,
+        "task_routes": {"sdbatch.*": {"queue": settings.broker.queue}},
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5,
+                                      "interval_max": 3},
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        # the pool process loads the model in worker_process_init, which takes longer than the default 4 s
+        "worker_proc_alive_timeout": 600,
+        "worker_max_memory_per_child": limits.max_memory_per_child_mb * 1024 or None,  # KiB
+    }
+    if urlsplit(settings.broker.url).scheme == "rediss" and "ssl_cert_reqs" not in settings.broker.url:
+        conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return conf
+
+
+def make_app(settings: Settings) -> Celery:
+    app = Celery("sdbatch", include=["worker.tasks"], set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def __getattr__(name: str):
+    # PEP 562: the module-level `app` is made on first access, so importing this module (for make_app) needs
+    # no config, while `celery -A worker.app` finds `app` built from $SDBATCH_CONFIG.
+    if name in ("app", "celery"):
+        app = make_app(from_env())
+        app.set_current()
+        globals().update(app=app, celery=app)
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

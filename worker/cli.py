@@ -1,0 +1,267 @@
+"""`sdbatch`: run | enqueue | worker | status | failed | retry | resume.
+
+    sdbatch run examples/prompts.txt --config configs/demo.yaml          # embedded: no Redis, no S3
+    sdbatch enqueue prompts.jsonl --config configs/sd15-fp16.yaml        # prints the run id last
+    sdbatch worker --config configs/sd15-fp16.yaml --devices all         # one Celery worker per GPU
+    sdbatch status RUN_ID --config configs/sd15-fp16.yaml --wait         # 0 all done, 2 some failed
+
+Exit codes: 0 success; 1 still pending (status without --wait); 2 some jobs failed; 3 bad input or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from worker.config import ConfigError, Settings, load_config, redact_url
+
+EXIT_OK, EXIT_PENDING, EXIT_FAILED, EXIT_INPUT = 0, 1, 2, 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sdbatch", description="Batch image generation with sdcore.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="generate a prompt file in this process into a local folder")
+    run.add_argument("prompts", help="a .txt, .jsonl or .csv prompt file")
+    run.add_argument("--out", help="output directory (default: the config's storage)")
+    enqueue = commands.add_parser("enqueue", help="validate a prompt file and queue it for the workers")
+    enqueue.add_argument("prompts", help="a .txt, .jsonl or .csv prompt file")
+    for command in (run, enqueue):
+        command.add_argument("--config", required=True)
+        command.add_argument("--run-id", help="[A-Za-z0-9_-]{1,64}; default: time + random suffix")
+        command.add_argument("--images-per-prompt", type=int, default=1, metavar="N")
+        command.add_argument("--seed", type=int, help="the run's base seed (default: sampling.seed)")
+        command.add_argument("--skip-invalid", action="store_true",
+                             help="report bad lines and go on with the good ones")
+
+    worker = commands.add_parser("worker", help="start one Celery worker process per device")
+    worker.add_argument("--config", required=True)
+    worker.add_argument("--devices", default="all", help="all | cpu | comma-separated GPU indices (0,1)")
+    worker.add_argument("--concurrency", type=int, default=1, help="pool processes per device")
+    worker.add_argument("--loglevel", default="INFO")
+
+    for name, text in (("status", "progress of a run"), ("failed", "list a run's failed jobs"),
+                       ("retry", "re-enqueue a run's failed jobs"),
+                       ("resume", "re-enqueue every job whose image is missing from storage")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("run_id")
+        command.add_argument("--config", required=True)
+        if name == "status":
+            command.add_argument("--wait", action="store_true",
+                                 help="follow until every job is done or failed")
+
+    args = parser.parse_args(argv)
+    try:
+        settings = load_config(args.config)
+        return COMMANDS[args.command](args, settings)
+    except ConfigError as error:
+        print(f"sdbatch: {error}", file=sys.stderr)
+        return EXIT_INPUT
+    except ValueError as error:  # PromptFileError, RunError: already name the file, line or field
+        print(f"sdbatch: {error}", file=sys.stderr)
+        return EXIT_INPUT
+
+
+def cmd_run(args, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    from worker.client import prepare
+    from worker.jobs import micro_batches, run_record, to_message
+    from worker.storage import open_storage
+    from worker.tasks import BatchRunner, load_pipeline, process
+
+    run_id, jobs, errors, header = prepare(args.prompts, settings, args.run_id, args.images_per_prompt,
+                                           args.seed, args.skip_invalid)
+    _print_skipped(errors)
+    store = open_storage(settings.storage, args.out)
+    store.put(f"{run_id}/run.jsonl", run_record(run_id, header, jobs), "application/x-ndjson")
+    pipe = load_pipeline(settings.model)
+    if pipe.is_random:
+        print(f"sdbatch: model {pipe.name} has random weights: its images are noise patterns, not art",
+              file=sys.stderr)
+    runner = BatchRunner(pipe, store, f"local@{socket.gethostname()}")
+    recorder = LocalRecorder(tqdm(total=len(jobs), unit="img", desc=run_id))
+    for batch in micro_batches(jobs, settings.sampling.micro_batch):
+        process(to_message(run_id, batch), runner, settings.limits, lambda _: recorder)
+    recorder.bar.close()
+    for job_id, reason in sorted(recorder.failures.items()):
+        print(f"failed {job_id}: {reason}", file=sys.stderr)
+    print(f"{recorder.bar.n} images, {len(recorder.failures)} failed: {store.location(run_id)}")
+    return EXIT_FAILED if recorder.failures else EXIT_OK
+
+
+class LocalRecorder:
+    """Progress of `sdbatch run`: a tqdm bar instead of Redis counters."""
+
+    def __init__(self, bar):
+        self.bar, self.failures = bar, {}
+
+    def started(self) -> None:
+        pass  # the bar started when the run did
+
+    def done(self, job_id: str) -> None:
+        self.bar.update(1)
+
+    def failed(self, job_id: str, reason: str) -> None:
+        self.failures[job_id] = reason
+        self.bar.set_postfix(failed=len(self.failures))
+
+
+def cmd_enqueue(args, settings: Settings) -> int:
+    from worker import client
+
+    start = time.perf_counter()
+    run_id, jobs, errors, header = client.prepare(args.prompts, settings, args.run_id, args.images_per_prompt,
+                                                  args.seed, args.skip_invalid)
+    _print_skipped(errors)
+    client.enqueue_prepared(settings, run_id, jobs, header)
+    print(f"enqueued {len(jobs)} jobs on {redact_url(settings.broker.url)} queue {settings.broker.queue} "
+          f"in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    print(run_id)
+    return EXIT_OK
+
+
+def _print_skipped(errors: list[str]) -> None:
+    for error in errors:
+        print(f"skipped {error}", file=sys.stderr)
+
+
+def cmd_worker(args, settings: Settings) -> int:
+    devices = _devices(args.devices, settings)
+    env = {**os.environ, "SDBATCH_CONFIG": os.path.abspath(args.config)}
+    children: dict[int, tuple[str, subprocess.Popen]] = {}
+
+    def start(device: str) -> None:
+        name = "cpu" if device == "cpu" else f"gpu{device}"
+        # one visible GPU per process: the model and every CUDA context of that process land on it
+        visible = "" if device == "cpu" else device
+        argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-n", f"{name}@%h",
+                "-Q", settings.broker.queue, "-P", "prefork", "-c", str(args.concurrency), "-E",
+                "--loglevel", args.loglevel]
+        process = subprocess.Popen(argv, env={**env, "CUDA_VISIBLE_DEVICES": visible})
+        children[process.pid] = (device, process)
+        print(f"sdbatch: started {name}@{socket.gethostname()} (pid {process.pid}) on "
+              f"{redact_url(settings.broker.url)} queue {settings.broker.queue}", file=sys.stderr)
+
+    stopping = False
+
+    def stop(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for _, process in children.values():  # SIGTERM = Celery's warm shutdown: finish the running batch
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for device in devices:
+        start(device)
+    status = 0
+    while children:
+        pid, wait_status = os.wait()
+        if pid not in children:
+            continue
+        device, process = children.pop(pid)
+        process.returncode = status = os.waitstatus_to_exitcode(wait_status)
+        if not stopping:
+            # a crashed worker leaves its GPU idle: start it again (its batch returns to the queue by itself)
+            print(f"sdbatch: worker on device {device} exited with {status}; restarting it", file=sys.stderr)
+            start(device)
+    return status if status > 0 else 0
+
+
+def _devices(requested: str, settings: Settings) -> list[str]:
+    if requested == "cpu":
+        if settings.model.device == "cuda":
+            raise ConfigError(f"{settings.path}: model.device: cuda conflicts with --devices cpu; accepted: "
+                              "device auto or cpu in the config, or --devices all / GPU indices")
+        return ["cpu"]
+    if requested == "all":
+        import torch
+
+        count = torch.cuda.device_count()
+        return [str(index) for index in range(count)] if count else _devices("cpu", settings)
+    indices = requested.split(",")
+    if not all(index.strip().isdigit() for index in indices):
+        raise ConfigError(f"--devices: {requested!r} is not a device list; accepted: all, cpu or GPU indices "
+                          "such as 0,1")
+    return [index.strip() for index in indices]
+
+
+def cmd_status(args, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    from worker import progress
+
+    counters = progress.RunProgress(progress.connect(settings.broker.url), args.run_id)
+    if not counters.exists():
+        print(f"sdbatch: run {args.run_id} has no counters on {redact_url(settings.broker.url)}; "
+              f"accepted: a run id that `sdbatch enqueue` printed "
+              f"(after losing Redis: `sdbatch resume {args.run_id}`)",
+              file=sys.stderr)
+        return EXIT_INPUT
+    status = counters.status()
+    if args.wait:
+        bar = tqdm(total=status.total, unit="img", desc=args.run_id)
+        while True:
+            bar.n = status.done
+            rate, eta = status.images_per_second(), status.eta_seconds()
+            bar.set_postfix_str(f"failed={status.failed} pending={status.pending} "
+                                f"{rate or 0:.2f} img/s ETA {_duration(eta)}")
+            if status.finished:
+                break
+            time.sleep(0.5)
+            status = counters.status()
+        bar.close()
+    print(f"{args.run_id}: {status.done}/{status.total} done, {status.failed} failed, "
+          f"{status.pending} pending, {status.images_per_second() or 0:.2f} img/s, "
+          f"ETA {_duration(status.eta_seconds())}")
+    if status.failed:
+        return EXIT_FAILED
+    return EXIT_OK if status.finished else EXIT_PENDING
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
+def cmd_failed(args, settings: Settings) -> int:
+    from worker import client, progress
+
+    _, jobs = client.load_run(settings, args.run_id)
+    failures = progress.RunProgress(progress.connect(settings.broker.url), args.run_id).failures()
+    lines = {job.job_id: job.line for job in jobs}
+    for job_id, reason in failures.items():
+        print(f"{job_id}\tline {lines.get(job_id, '?')}\t{reason}")
+    return EXIT_OK
+
+
+def cmd_retry(args, settings: Settings) -> int:
+    from worker import client
+
+    print(f"re-enqueued {client.retry(settings, args.run_id)} failed jobs of {args.run_id}")
+    return EXIT_OK
+
+
+def cmd_resume(args, settings: Settings) -> int:
+    from worker import client
+
+    print(f"re-enqueued {client.resume(settings, args.run_id)} missing jobs of {args.run_id}")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "enqueue": cmd_enqueue, "worker": cmd_worker, "status": cmd_status,
+            "failed": cmd_failed, "retry": cmd_retry, "resume": cmd_resume}
+
+if __name__ == "__main__":
+    sys.exit(main())
