@@ -13,13 +13,18 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 import time
+import urllib.error
+import urllib.request
 import uuid
+from base64 import b64encode
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,14 +92,31 @@ def _spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None,
 
 
 def _kill_group(process: subprocess.Popen | None, sig: int = signal.SIGKILL, wait_s: float = 30.0) -> None:
-    """Signal the process group (the worker's pool children too) and reap the leader."""
-    if process is None or process.poll() is not None:
+    """Signal the process group (a worker's pool processes too), reap the leader and, for SIGKILL, wait until
+    no process of the group is left alive, so the next test starts on a clean machine."""
+    if process is None:
         return
     try:
         os.killpg(process.pid, sig)
     except ProcessLookupError:
         return
     process.wait(timeout=wait_s)
+    if sig == signal.SIGKILL:
+        wait_for(lambda: not live_processes_in_group(process.pid), f"group {process.pid} dead", wait_s)
+
+
+def live_processes_in_group(pgid: int) -> list[int]:
+    """Pids of the group that are alive (zombies waiting for a reaper do not count)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        state, process_group = fields[0], int(fields[2])
+        if process_group == pgid and state not in ("Z", "X"):
+            live.append(int(stat.parent.name))
+    return live
 
 
 # --- SeaweedFS S3 -------------------------------------------------------------------------------------------
@@ -294,3 +316,179 @@ def redis_server(tmp_path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop(signal.SIGKILL)
+
+
+# --- Celery workers and Flower ------------------------------------------------------------------------------
+
+def sdbatch_env(config: str | os.PathLike, broker_url: str, s3: S3Server | None = None,
+                **extra: str) -> dict[str, str]:
+    """The environment of a worker/Flower/CLI subprocess: this one's, minus any AWS or SDBATCH settings of the
+    person running the tests, plus the config path, the broker and (optionally) the test S3's credentials."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SDBATCH_"))}
+    return {**inherited, "SDBATCH_CONFIG": str(config), "SDBATCH_BROKER_URL": broker_url,
+            **(s3.env() if s3 is not None else {}), **extra}
+
+
+READY_LINE = re.compile(r"^.*?(\S+@\S+) ready\.$", re.MULTILINE)  # Celery's INFO line once a node consumes
+
+
+@dataclass
+class WorkerProcess:
+    """One `sdbatch worker` process tree: the supervisor, its Celery worker per device and their pool
+    processes, all in one process group. Online once every device's node has logged that it is ready (after
+    its pool processes loaded the model); read from this process's own log, so processes are told apart even
+    when the CLI gives them the same node name."""
+
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    expected_nodes: int = 1
+    process: subprocess.Popen | None = None
+    nodes: list[str] = field(default_factory=list)
+    startup_s: float | None = None
+    _log_offset: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def spawn(self) -> None:
+        self.nodes = []
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.process = _spawn(self.argv, self.log_path, env=self.env)
+
+    def ready_nodes(self) -> list[str]:
+        with open(self.log_path, "rb") as log:
+            log.seek(self._log_offset)
+            return READY_LINE.findall(log.read().decode(errors="replace"))
+
+    def wait_online(self, deadline_s: float = WORKER_READY_DEADLINE_S) -> None:
+        def online() -> bool:
+            self.nodes = self.ready_nodes()
+            return len(self.nodes) >= self.expected_nodes
+
+        self.startup_s = wait_for(online, " ".join(self.argv), deadline_s, self.process, self.log_path)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """SIGKILL: the whole tree dies at once, a machine lost mid-task. Any other signal goes to the
+        supervisor alone, as Kubernetes (and systemd with KillMode=mixed) send it; SIGTERM is then a warm
+        shutdown: running batches finish first."""
+        if sig == signal.SIGKILL:
+            _kill_group(self.process, sig)
+        elif self.running:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=WORKER_READY_DEADLINE_S)
+
+    def restart(self, sig: int = signal.SIGKILL) -> None:
+        self.kill(sig)
+        _kill_group(self.process)  # pool processes orphaned by a warm shutdown that timed out
+        self.spawn()
+        self.wait_online()
+
+
+class WorkerProcesses:
+    """Factory of `sdbatch worker` processes for one test; every process tree it started dies at teardown."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.started: list[WorkerProcess] = []
+
+    def start(self, n: int, config: str | os.PathLike, env: dict[str, str], devices: str = "cpu",
+              wait: bool = True) -> list[WorkerProcess]:
+        """n processes of `worker_command(config, devices)`, started together; by default returns once all
+        are online."""
+        argv = worker_command(config, devices)
+        if shutil.which(argv[0], path=env.get("PATH")) is None:
+            raise RuntimeError(f"`{argv[0]}` is not on PATH: pip install -e '.[worker,test]'")
+        expected = 1 if devices in ("cpu", "all") else len(devices.split(","))
+        workers = [WorkerProcess(argv=argv, env=env, expected_nodes=expected,
+                                 log_path=self.log_dir / f"worker{len(self.started) + i}.log")
+                   for i in range(n)]
+        for worker in workers:
+            worker.spawn()
+        self.started += workers
+        if wait:
+            for worker in workers:
+                worker.wait_online()
+        return workers
+
+    def kill_all(self) -> None:
+        for worker in self.started:
+            _kill_group(worker.process)
+
+
+@pytest.fixture
+def worker_processes(tmp_path) -> Iterator[WorkerProcesses]:
+    """Factory: worker_processes.start(n, config, env) -> [WorkerProcess]; env from sdbatch_env()."""
+    log_dir = tmp_path / "worker-logs"
+    log_dir.mkdir()
+    factory = WorkerProcesses(log_dir)
+    yield factory
+    factory.kill_all()
+
+
+@dataclass
+class Flower:
+    """`celery -A worker.app flower` on a free port with basic auth on."""
+
+    env: dict[str, str]
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    user: str = "sdbatch"
+    password: str = field(default_factory=lambda: uuid.uuid4().hex)
+    process: subprocess.Popen | None = None
+    startup_s: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str, auth: bool = True) -> tuple[int, bytes]:
+        """GET `path`; (status, body), a refused request included."""
+        request = urllib.request.Request(self.url + path)
+        if auth:
+            token = b64encode(f"{self.user}:{self.password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def get_json(self, path: str):
+        status, body = self.get(path)
+        if status != 200:
+            raise RuntimeError(f"Flower {path} answered {status}: {body[:200]!r}")
+        return json.loads(body)
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={self.port}",
+                "--address=127.0.0.1", f"--basic-auth={self.user}:{self.password}"]
+        self.process = _spawn(argv, self.log_path, env=self.env)
+        self.startup_s = wait_for(self._api_answers, f"Flower at {self.url}", READY_DEADLINE_S, self.process,
+                                  self.log_path)
+
+    def _api_answers(self) -> bool:
+        try:
+            return self.get("/api/workers")[0] == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        _kill_group(self.process, signal.SIGKILL)
+
+
+@pytest.fixture
+def flower(tmp_path) -> Iterator[Callable[[dict[str, str]], Flower]]:
+    """Factory: flower(env) starts Flower for the broker and config named in env (see sdbatch_env)."""
+    started: list[Flower] = []
+
+    def start(env: dict[str, str]) -> Flower:
+        server = Flower(env=env, log_path=tmp_path / f"flower{len(started)}.log")
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,13 +1,18 @@
 """The server fixtures are what the integration tests stand on: prove they are real and behave as promised."""
 
 import signal
+from pathlib import Path
 
 import pytest
 import redis
 from botocore.exceptions import ClientError, EndpointConnectionError
 
+from tests.fixtures_servers import live_processes_in_group, sdbatch_env, worker_command
+
 pytestmark = pytest.mark.integration
 pytest_plugins = ["tests.fixtures_servers"]
+
+DEMO_CONFIG = Path(__file__).parent.parent / "configs" / "demo.yaml"
 
 
 def test_s3_put_then_get_returns_the_same_bytes(s3_server, s3_bucket):
@@ -70,3 +75,17 @@ def test_redis_server_with_aof_keeps_its_data_across_a_kill(redis_server):
     redis_server.restart(signal.SIGKILL)
 
     assert redis.Redis.from_url(redis_server.url()).lrange("sdbatch", 0, -1) == [b"job-1", b"job-2"]
+
+
+def test_worker_comes_online_behind_flower_with_auth_and_dies_whole(redis_url, worker_processes, flower):
+    env = sdbatch_env(DEMO_CONFIG, redis_url)
+    [worker] = worker_processes.start(1, DEMO_CONFIG, env)
+    monitor = flower(env)
+
+    assert worker.argv == worker_command(DEMO_CONFIG, "cpu")
+    assert monitor.get("/api/workers", auth=False)[0] == 401
+    assert worker.nodes[0] in monitor.get_json("/api/workers?refresh=1")
+
+    worker.kill(signal.SIGKILL)
+
+    assert live_processes_in_group(worker.process.pid) == []
