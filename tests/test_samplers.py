@@ -124,6 +124,19 @@ def test_txt2img_trajectory_equals_diffusers(name, eta, steps):
     assert_same_trajectory(ours, reference)
 
 
+@pytest.mark.parametrize("name, eta", CASES)
+def test_half_precision_latents_step_in_half_like_diffusers(name, eta):
+    scheduler = reference_scheduler(name, 10)
+    plan = samplers.create(name, 10, eta=eta)
+    noise = initial_noise(SEEDS).half()
+    ours = run_plan(plan, noise * plan.init_noise_sigma, generators(SEEDS))
+    reference = run_reference(
+        scheduler, scheduler.timesteps, noise * scheduler.init_noise_sigma, generators(SEEDS), eta
+    )
+    assert all(x.dtype == torch.float16 for x in ours)
+    assert_same_trajectory(ours, reference)
+
+
 @pytest.mark.parametrize("name", samplers.NAMES)
 def test_timesteps_equal_diffusers_for_every_step_count(name):
     for steps in range(1, samplers.MAX_STEPS + 1):
