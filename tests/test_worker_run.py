@@ -1,0 +1,146 @@
+"""`sdbatch run` (the embedded default: no Redis, no S3) and the task body it shares with the Celery worker:
+images and metadata that match their input lines, byte-identical reruns, bad jobs that fail alone."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.config import load_config
+from worker.jobs import Job, MessageError, to_message
+from worker.storage import LocalStorage
+from worker.tasks import BatchRunner, load_pipeline, process
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = [line for line in (REPO / "examples" / "prompts.txt").read_text().split("\n") if line.strip()]
+
+
+def sdbatch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`sdbatch run examples/prompts.txt --config configs/demo.yaml` from a fresh copy of the repo's files."""
+    clone = tmp_path_factory.mktemp("clone")
+    for folder in ("configs", "examples"):
+        shutil.copytree(REPO / folder, clone / folder)
+    result = sdbatch("run", "examples/prompts.txt", "--config", "configs/demo.yaml", "--run-id", "demo",
+                     cwd=clone)
+    return clone, result
+
+
+def test_demo_run_writes_an_image_and_metadata_per_prompt_into_outputs(demo_run):
+    clone, result = demo_run
+
+    assert result.returncode == 0, result.stderr
+    run = clone / "outputs" / "demo"
+    assert len(list((run / "images").glob("*.png"))) == len(PROMPTS) == 12
+    assert len(list((run / "meta").glob("*.json"))) == 12
+    assert (run / "run.jsonl").exists()
+    assert result.stdout.strip().endswith(f"12 images, 0 failed: {Path('outputs') / 'demo'}")
+
+
+def test_demo_run_metadata_matches_each_input_line(demo_run):
+    from sdcore.png import read_settings
+
+    clone, _ = demo_run
+    settings = load_config(clone / "configs" / "demo.yaml")
+    lines = (clone / "examples" / "prompts.txt").read_text().split("\n")
+    for meta_path in sorted((clone / "outputs" / "demo" / "meta").glob("*.json")):
+        meta = json.loads(meta_path.read_text())
+        png = read_settings(clone / "outputs" / "demo" / "images" / f"{meta['job_id']}.png")
+        assert meta["prompt"] == png["prompt"] == lines[meta["line"] - 1]
+        assert meta["job_id"] == png["job_id"] == f"{meta['line']:07d}-000"
+        assert (meta["steps"], meta["sampler"], meta["width"], meta["height"]) == \
+            (settings.sampling.steps, settings.sampling.sampler, 64, 64)
+        assert meta["seed"] == png["seed"] and meta["run_id"] == png["run_id"] == "demo"
+        assert meta["random_model"] is png["random_model"] is True  # tiny-random says so everywhere
+
+
+def test_a_rerun_of_the_same_run_writes_byte_identical_images(demo_run, tmp_path):
+    clone, _ = demo_run
+
+    again = sdbatch("run", "examples/prompts.txt", "--config", "configs/demo.yaml", "--run-id", "demo",
+                    "--out", str(tmp_path), cwd=clone)
+
+    assert again.returncode == 0, again.stderr
+    for image in sorted((clone / "outputs" / "demo" / "images").glob("*.png")):
+        assert (tmp_path / "demo" / "images" / image.name).read_bytes() == image.read_bytes()
+
+
+def test_run_refuses_a_bad_prompt_file_listing_every_bad_line_and_writes_nothing(tmp_path):
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": ""}\n{"prompt": "x", "steps": 0}\n{"prompt": "y"}\n')
+
+    result = sdbatch("run", str(prompts), "--config", str(REPO / "configs" / "demo.yaml"), "--out",
+                     str(tmp_path / "out"), cwd=tmp_path)
+
+    assert result.returncode == 3
+    assert f"{prompts}:2: prompt: is empty or only whitespace" in result.stderr
+    assert f"{prompts}:3: steps: 0 is out of range" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_refuses_a_run_id_that_could_escape_the_output_folder(tmp_path):
+    result = sdbatch("run", str(REPO / "examples" / "prompts.txt"), "--config",
+                     str(REPO / "configs" / "demo.yaml"), "--run-id", "../../x",
+                     "--out", str(tmp_path / "out"), cwd=tmp_path)
+
+    assert result.returncode == 3
+    assert "run_id: '../../x' is not a valid run id" in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path.parent / "x").exists()
+
+
+# --- the task body, in-process ------------------------------------------------------------------------------
+
+class Recorder:
+    """What a run's progress counters would hold, kept in memory."""
+
+    def __init__(self):
+        self.finished, self.failures = [], {}
+
+    def started(self):
+        pass
+
+    def done(self, job_id):
+        self.finished.append(job_id)
+
+    def failed(self, job_id, reason):
+        self.failures[job_id] = reason
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline(load_config(REPO / "configs" / "demo.yaml").model)
+
+
+def jobs_of(seeds: list[int]) -> list[Job]:
+    return [Job(f"{n + 1:07d}-000", n, n + 1, 0, f"prompt {n}", "", seed, "ddim", 2, 7.5, 64, 64, 0.0)
+            for n, seed in enumerate(seeds)]
+
+
+def test_a_job_that_raises_fails_alone_and_its_neighbours_are_written(pipe, tmp_path):
+    store, recorder = LocalStorage(tmp_path), Recorder()
+    batch = jobs_of([1, 2**64, 3])  # a seed no generator takes: only a hand-made job can carry it
+
+    BatchRunner(pipe, store, "test@host").run("r", batch, recorder)
+
+    assert recorder.finished == ["0000001-000", "0000003-000"]
+    assert list(recorder.failures) == ["0000002-000"] and "seed" in recorder.failures["0000002-000"]
+    assert store.list("r/images") == ["r/images/0000001-000.png", "r/images/0000003-000.png"]
+
+
+def test_process_rejects_a_malformed_message_before_touching_anything(pipe, tmp_path):
+    store = LocalStorage(tmp_path)
+
+    with pytest.raises(MessageError, match="version 9 is not supported"):
+        process({**to_message("r", jobs_of([1])), "version": 9}, BatchRunner(pipe, store, "h"),
+                load_config(REPO / "configs" / "demo.yaml").limits, lambda run_id: None)
+
+    assert store.list("r") == []
