@@ -1,0 +1,5 @@
+"""`python -m sdcore ...`, the same as the `sdcore` command."""
+
+from sdcore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""`sdcore generate` and `sdcore convert`: the library from a shell.
+
+    sdcore generate "a lighthouse at dusk" --checkpoint v1-5-pruned-emaonly.safetensors --seed 1 --out a.png
+    sdcore generate --from-png a.png --out again.png          # same pixels, from the PNG's own metadata
+    sdcore convert v1-5-pruned-emaonly.ckpt sd15.safetensors --half
+
+User errors (a bad argument, a missing or broken file) print one line and exit with status 1; argparse's
+usage errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sdcore import samplers
+from sdcore.checkpoint import convert_checkpoint
+from sdcore.pipeline import PRECISIONS, load
+from sdcore.png import png_bytes, read_settings
+
+# generate's settings: CLI flag -> (settings key, default when neither the flag nor --from-png gives one)
+GENERATION_DEFAULTS = {
+    "negative": ("negative_prompt", ""),
+    "steps": ("steps", 50),
+    "sampler": ("sampler", "ddpm"),
+    "cfg": ("guidance_scale", 7.5),
+    "eta": ("eta", 0.0),
+    "width": ("width", 512),
+    "height": ("height", 512),
+    "strength": ("strength", 0.8),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdcore", description="Stable Diffusion 1.5 from scratch.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser(
+        "generate", help="generate one image and write it as PNG with its settings",
+        description="Generate one image. With --from-png, settings come from that PNG's metadata; "
+                    "flags given explicitly override them.")
+    generate.add_argument("prompt", nargs="?", help="the prompt (omit with --from-png)")
+    generate.add_argument("--checkpoint", help=".ckpt / .safetensors file, diffusers folder, or tiny-random")
+    generate.add_argument("--from-png", type=Path, metavar="FILE", help="regenerate from this PNG's settings")
+    generate.add_argument("--out", type=Path, required=True, metavar="FILE.png")
+    generate.add_argument("--negative", help='negative prompt (default "")')
+    generate.add_argument("--seed", type=int, help="0..2**64-1 (default: random, printed and recorded)")
+    generate.add_argument("--steps", type=int, help="sampler steps, 1..999 (default 50)")
+    generate.add_argument("--sampler", choices=samplers.NAMES, help="default ddpm")
+    generate.add_argument("--cfg", type=float, help="guidance scale; <= 1 disables guidance (default 7.5)")
+    generate.add_argument("--eta", type=float, help="DDIM eta (default 0)")
+    generate.add_argument("--width", type=int, help="multiple of 8 in 64..2048 (default 512)")
+    generate.add_argument("--height", type=int, help="multiple of 8 in 64..2048 (default 512)")
+    generate.add_argument("--precision", choices=list(PRECISIONS),
+                          help="default: fp16 on CUDA, fp32 on CPU; with --from-png, the PNG's precision")
+    generate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    generate.add_argument("--init-image", type=Path, metavar="FILE", help="img2img: start from this image")
+    generate.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.8)")
+    generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    generate.set_defaults(run=run_generate)
+
+    convert = commands.add_parser(
+        "convert", help="convert a checkpoint to one .safetensors file (fast memory-mapped loads)")
+    convert.add_argument("source", help=".ckpt / .safetensors file or diffusers folder")
+    convert.add_argument("destination", help="output .safetensors file")
+    convert.add_argument("--half", action="store_true", help="store weights as fp16")
+    convert.add_argument("--layout", choices=("original", "diffusers"), default="original",
+                         help="key layout of the output (default original)")
+    convert.set_defaults(run=run_convert)
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> str:
+    recorded = read_settings(args.from_png) if args.from_png else {}
+    prompt = args.prompt if args.prompt is not None else recorded.get("prompt")
+    if prompt is None:
+        raise ValueError("generate needs a PROMPT argument or --from-png FILE")
+    settings = {key: recorded.get(key, default) for key, default in GENERATION_DEFAULTS.values()}
+    for flag, (key, _) in GENERATION_DEFAULTS.items():
+        if getattr(args, flag) is not None:
+            settings[key] = getattr(args, flag)
+    seed = args.seed if args.seed is not None else recorded.get("seed", secrets.randbelow(2**32))
+    img2img = args.init_image is not None
+    if recorded.get("strength") is not None and not img2img:
+        raise ValueError(f"{args.from_png} is an img2img image (strength {recorded['strength']}); "
+                         "pass --init-image with the image it started from")
+    if args.strength is not None and not img2img:
+        raise ValueError("--strength applies to img2img only; pass --init-image too")
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoint = args.checkpoint or ("tiny-random" if recorded.get("random_model") else None)
+    if checkpoint is None:
+        if recorded:
+            raise ValueError(f"{args.from_png} was made with model {recorded.get('model')!r} "
+                             f"(hash {recorded.get('model_hash')}); pass --checkpoint with that model's file")
+        raise ValueError("--checkpoint is required: a .ckpt / .safetensors file, a diffusers folder, "
+                         "or tiny-random")
+    pipe = load(checkpoint, device=device, dtype=args.precision or recorded.get("precision"))
+    if recorded.get("model_hash") and pipe.model_hash and recorded["model_hash"] != pipe.model_hash:
+        print(f"sdcore: warning: {args.from_png} was made with model hash {recorded['model_hash']}, "
+              f"{checkpoint} has {pipe.model_hash}; the image will differ", file=sys.stderr)
+
+    init_images = [open_image(args.init_image)] if img2img else None
+    image = pipe.generate(
+        [prompt], [seed], steps=settings["steps"], sampler=settings["sampler"],
+        guidance_scale=settings["guidance_scale"], negative_prompts=[settings["negative_prompt"]],
+        width=settings["width"], height=settings["height"], init_images=init_images,
+        strength=settings["strength"], eta=settings["eta"], progress=not args.no_progress)[0]
+    metadata = pipe.settings(
+        prompt, seed, steps=settings["steps"], sampler=settings["sampler"],
+        guidance_scale=settings["guidance_scale"], negative_prompt=settings["negative_prompt"],
+        width=settings["width"], height=settings["height"], eta=settings["eta"],
+        strength=settings["strength"] if img2img else None)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(png_bytes(image, metadata))
+    label = " (random weights)" if pipe.is_random else ""
+    return f"wrote {args.out} (seed {seed}, model {pipe.name}{label})"
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"--init-image {path}: not an image file PIL can read") from None
+
+
+def run_convert(args: argparse.Namespace) -> str:
+    convert_checkpoint(args.source, args.destination, half=args.half, layout=args.layout)
+    return f"wrote {args.destination} ({args.layout} layout{', fp16' if args.half else ''})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        print(args.run(args))
+    except (ValueError, OSError) as error:  # user errors: bad arguments, missing or broken files
+        print(f"sdcore {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
