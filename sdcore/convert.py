@@ -3,7 +3,8 @@
 sdcore's modules use the original names, so this is only needed for diffusers folders and for
 `sdcore convert --layout diffusers`. State dicts here are per component and carry no checkpoint prefix:
 original keys look like `input_blocks.1.0.in_layers.0.weight` (prefix ORIGINAL_PREFIXES[component] stripped),
-diffusers keys like `down_blocks.0.resnets.0.norm1.weight`.
+diffusers keys like `down_blocks.0.resnets.0.norm1.weight`. Text encoder keys are written with the
+`text_model.` prefix, as diffusers' single-file converter writes them, and read with or without it.
 
 Each model's mapping is a table of block prefixes built by a loop over the levels found in the keys, plus a
 few renames inside a block type. Both directions read the same table.
@@ -119,11 +120,12 @@ def _vae_rules(keys, layout: str) -> list[Rule]:
     return rules
 
 
-def _rename(key: str, rules: list[Rule], src: int) -> str:
+def _rename(component: str, key: str, rules: list[Rule], src: int) -> str:
     """Rename `key` by its longest matching rule prefix; src 0 reads original names, 1 diffusers names."""
     best = max((r for r in rules if key.startswith(r[src])), key=lambda r: len(r[src]), default=None)
     if best is None:
-        raise KeyError(f"no layout rule for key {key!r}")
+        layout = "original" if src == 0 else "diffusers"
+        raise ValueError(f"{component} key {key!r} is not a known {layout}-layout {component} weight name")
     rest = key[len(best[src]) :]
     # VAE resnet prefixes stop before the index within the level ("0.nin_shortcut.weight"): keep it as is.
     index, dot, tail = rest.partition(".") if rest.split(".", 1)[0].isdigit() else ("", "", rest)
@@ -147,7 +149,7 @@ def original_to_diffusers(component: str, state_dict: dict[str, torch.Tensor]) -
     rules = _rules(component, state_dict.keys(), "original")
     converted = {}
     for key, value in state_dict.items():
-        new_key = _rename(key, rules, 0)
+        new_key = _rename(component, key, rules, 0)
         if ".mid_block.attentions." in new_key and value.ndim == 4:  # 1x1 conv [C, C, 1, 1] -> linear [C, C]
             value = value.flatten(1)
         converted[new_key] = value
@@ -166,7 +168,7 @@ def diffusers_to_original(component: str, state_dict: dict[str, torch.Tensor]) -
     for key, value in state_dict.items():
         if ".mid_block.attentions." in key and value.ndim == 2:  # linear [C, C] -> 1x1 conv [C, C, 1, 1]
             value = value[:, :, None, None]
-        converted[_rename(key, rules, 1)] = value
+        converted[_rename(component, key, rules, 1)] = value
     return converted
 
 

@@ -73,12 +73,21 @@ def diffusers_config_for(cfg: UNetConfig | VAEConfig | CLIPConfig) -> dict:
 
 def reference_unet(cfg: UNetConfig, seed: int) -> UNet2DConditionModel:
     """A diffusers U-Net shaped like `cfg`, with scaled random weights, in eval mode."""
-    return scaled_init_(UNet2DConditionModel(**diffusers_config_for(cfg)), seed).eval()
+    return _scaled_without_default_init(UNet2DConditionModel, cfg, seed)
 
 
 def reference_vae(cfg: VAEConfig, seed: int) -> DiffusersAutoencoderKL:
     """A diffusers AutoencoderKL shaped like `cfg`, with scaled random weights, in eval mode."""
-    return scaled_init_(DiffusersAutoencoderKL(**diffusers_config_for(cfg)), seed).eval()
+    return _scaled_without_default_init(DiffusersAutoencoderKL, cfg, seed)
+
+
+def _scaled_without_default_init(model_class, cfg, seed: int):
+    # Built on the meta device: torch's default init of an SD-sized model costs seconds and is overwritten.
+    with torch.device("meta"):
+        model = model_class(**diffusers_config_for(cfg))
+    if any(True for _ in model.buffers()):
+        raise TypeError(f"{model_class.__name__} has buffers that to_empty() would leave uninitialised")
+    return scaled_init_(model.to_empty(device="cpu"), seed).eval()
 
 
 def reference_text_encoder(cfg: CLIPConfig, seed: int) -> TransformersCLIPTextModel:
@@ -129,7 +138,12 @@ def checkpoint_non_weights() -> dict[str, torch.Tensor]:
 
 
 def sdcore_model(component: str, reference: torch.nn.Module, cfg) -> torch.nn.Module:
-    """The sdcore model for `cfg`, loaded strictly by name from the reference's original-layout weights."""
-    model = {"unet": UNetModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[component](cfg)
-    model.load_state_dict(original_layout(component, reference), strict=True)
+    """The sdcore model for `cfg`, loaded strictly by name from the reference's original-layout weights.
+
+    The parameters share the reference's storage (no copy: full-size pairs stay within one model's memory),
+    so do not modify either model's weights in place.
+    """
+    with torch.device("meta"):
+        model = {"unet": UNetModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[component](cfg)
+    model.load_state_dict(original_layout(component, reference), strict=True, assign=True)
     return model.eval()
