@@ -5,8 +5,10 @@ import gc
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from sdcore.checkpoint import convert_checkpoint, load_components
-from sdcore.config import CLIPConfig, tiny_clip, tiny_unet, tiny_vae
+from sdcore.config import CLIPConfig, UNetConfig, VAEConfig, tiny_clip, tiny_unet, tiny_vae
 from sdcore.errors import CheckpointError
 from sdcore.models import CLIPTextModel, scaled_init_
 from sdcore.tokenizer import CLIPTokenizer
@@ -83,15 +85,15 @@ def assert_close(ours: torch.Tensor, reference: torch.Tensor, what: str) -> None
 
 
 @torch.no_grad()
-def assert_matches_references(components, refs) -> None:
+def assert_matches_references(components, refs, latent_size=16, image_size=32) -> None:
     """Text encoder, U-Net, VAE encode and decode of `components` give the references' outputs in fp32."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 49408, (2, 77), generator=g)
-    latents = torch.randn(2, 4, 16, 16, generator=g)
+    latents = torch.randn(2, 4, latent_size, latent_size, generator=g)
     timesteps = torch.tensor([10, 700])
     context = torch.randn(2, 77, refs["unet"].config.cross_attention_dim, generator=g)
-    images = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
-    z = torch.randn(1, 4, 4, 4, generator=g)
+    images = torch.rand(1, 3, image_size, image_size, generator=g) * 2 - 1
+    z = torch.randn(1, 4, image_size // 8, image_size // 8, generator=g)
 
     assert_close(components.text_encoder(ids), refs["text_encoder"](ids).last_hidden_state, "text encoder")
     assert_close(
@@ -453,6 +455,7 @@ def test_convert_refuses_a_bad_source(tmp_path):
 
 PEAK_RSS_OF_LOADING = """
 import sys
+import time
 from sdcore.checkpoint import load_components
 from sdcore.tokenizer import CLIPTokenizer
 
@@ -501,6 +504,43 @@ def test_peak_memory_of_loading_stays_within_1_3x_the_weights(fmt, medium_files)
     assert peak <= 1.3 * weights + 64e6, (
         f"loading took {peak / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"
     )
+
+
+@pytest.mark.slow
+def test_full_size_sd15_ckpt_and_safetensors_load_to_the_reference(tmp_path):
+    """The real key names and shapes of v1-5-pruned-emaonly (1,130 weights + 15 non-weights), at 128x128."""
+    free = shutil.disk_usage(tmp_path).free
+    if free < 10e9:
+        pytest.skip(
+            f"needs 10 GB of free disk for two 4.3 GB checkpoints; {tmp_path} has {free / 1e9:.1f} GB"
+        )
+    refs = build_references(UNetConfig(), VAEConfig(), CLIPConfig())
+    state_dict = original_state_dict(**refs, non_weights=True)
+    assert len(state_dict) == 1130 + 15
+    paths = {"safetensors": write_safetensors(tmp_path / "sd15.safetensors", state_dict)}
+    paths["ckpt"] = write_ckpt(tmp_path / "sd15.ckpt", state_dict)
+    del state_dict
+    gc.collect()
+
+    for fmt, path in paths.items():
+        start = time.perf_counter()
+        components = load_components(path)
+        loaded = time.perf_counter()
+        assert_matches_references(components, refs, latent_size=16, image_size=64)
+        outputs = time.perf_counter() - loaded
+        print(f"\n{fmt}: load_components {loaded - start:.2f} s, first outputs {outputs:.1f} s")
+        del components
+        gc.collect()
+    del refs
+    gc.collect()
+
+    for fmt, path in paths.items():
+        command = [sys.executable, "-c", PEAK_RSS_OF_LOADING, path]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
+        weights, peak = map(int, result.stdout.split())
+        ratio = peak / weights
+        print(f"{fmt}: peak RSS of loading {peak / 1e9:.2f} GB for {weights / 1e9:.2f} GB ({ratio:.2f}x)")
+        assert peak <= 1.3 * weights + 64e6
 
 
 # --------------------------------------------------------------------------------------------- config
