@@ -9,20 +9,44 @@ Delivery guarantees (issue 5) come from these settings, not from code:
   than `visibility_timeout` (= limits.batch_time_limit + 15 s, so never while a live worker still runs it),
   scanning every `unacked_restore_interval` seconds: with the default 40 s limit a lost batch is back in the
   queue within a minute;
-- `worker_prefetch_multiplier=1`: a worker holds one batch, so a killed worker strands at most that one.
+- `worker_prefetch_multiplier=1`: a worker holds one batch, so a killed worker strands at most that one;
+- the Redis transport drops (with a log line) a queue entry that is not a message at all (`RedisTransport`).
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 from urllib.parse import urlsplit
 
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from worker.config import Settings, from_env
 
+log = logging.getLogger(__name__)
 RESTORE_INTERVAL_S = 5
 VISIBILITY_MARGIN_S = 15
+
+
+class PoisonTolerantChannel(kombu_redis.Channel):
+    """kombu's Redis channel, except that a queue entry which is not a kombu message (not JSON, not an
+    envelope) is logged and dropped. Stock kombu lets the decode error escape its event loop and the worker
+    stops ("Unrecoverable error"). BRPOP has already removed the entry, so dropping it loses nothing usable.
+    Messages that are envelopes but carry a bad body or bad task arguments are Celery's and the task's to
+    reject (worker.tasks)."""
+
+    def _brpop_read(self, **options):
+        try:
+            return super()._brpop_read(**options)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
+            log.error("dropped a queue entry that is not a Celery message: %s: %s",
+                      type(error).__name__, error)
+            return True
+
+
+class RedisTransport(kombu_redis.Transport):
+    Channel = PoisonTolerantChannel
 
 
 def celery_config(settings: Settings) -> dict:
@@ -38,6 +62,7 @@ def celery_config(settings: Settings) -> dict:
     }
     conf = {
         "broker_url": settings.broker.url,
+        "broker_transport": f"{__name__}:RedisTransport",  # for redis:// and rediss:// alike
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # ride out a Redis restart however long it takes
@@ -61,7 +86,8 @@ def celery_config(settings: Settings) -> dict:
         "worker_proc_alive_timeout": 600,
         "worker_max_memory_per_child": limits.max_memory_per_child_mb * 1024 or None,  # KiB
     }
-    if urlsplit(settings.broker.url).scheme == "rediss" and "ssl_cert_reqs" not in settings.broker.url:
+    if urlsplit(settings.broker.url).scheme == "rediss":
+        # our transport means kombu no longer infers TLS from the scheme: ask for it, certificates checked
         conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return conf
 
