@@ -8,6 +8,7 @@ in the slow test). Both must produce uint8 images within 1 level of each other.
 import copy
 import gc
 import io
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -200,6 +201,23 @@ def test_seeds_and_prompts_change_the_image(tiny):
     base, other_seed, other_prompt = generate_batch(tiny.ours, [PROMPT, PROMPT, "a red car"], [1, 2, 1])
     assert max_level_difference(base, other_seed) > 10
     assert max_level_difference(base, other_prompt) > 10
+
+
+def test_threads_may_share_one_pipeline(tiny):
+    shared = Pipeline(tiny.ours.parts)  # fresh caches, so the threads also race to fill them
+    seeds = (1, 2, 3)
+    results = {}
+
+    def run(seed):
+        results[seed] = generate_batch(shared, [PROMPT], [seed], negative_prompts=[""])[0]
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in seeds]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed in seeds:
+        assert np.array_equal(results[seed], generate_batch(tiny.ours, [PROMPT], [seed])[0])
 
 
 def unet_batch_sizes(pipe, **kwargs) -> list[int]:
