@@ -171,3 +171,42 @@ def test_200_prompts_through_2_workers_all_land_in_s3_matching_their_lines(servi
     tasks = monitor.get_json("/api/tasks?limit=1000")
     assert sum(task["state"] == "SUCCESS" for task in tasks.values()) == 50  # 200 jobs / micro_batch 4
     assert monitor.get("/api/workers", auth=False)[0] == 401
+
+
+def test_resume_rebuilds_a_run_from_storage_after_redis_lost_everything(service, worker_processes):
+    config, env, settings, store = service
+    run_id = client.enqueue([f"prompt {n}" for n in range(6)], settings)
+    broker = redis.Redis.from_url(settings.broker.url)
+    broker.flushdb()  # queue, counters and unacked messages gone: only storage remembers the run
+
+    resumed = sdbatch("resume", run_id, "--config", str(config), env=env)
+    workers = worker_processes.start(1, config, env)
+    status = wait_until_finished(settings, run_id, 120, workers)
+
+    assert resumed.returncode == 0 and f"re-enqueued 6 missing jobs of {run_id}" in resumed.stdout
+    assert (status.total, status.done, status.failed) == (6, 6, 0)
+    assert len(store.list(f"{run_id}/images")) == len(store.list(f"{run_id}/meta")) == 6
+    again = sdbatch("resume", run_id, "--config", str(config), env=env)
+    assert f"re-enqueued 0 missing jobs of {run_id}" in again.stdout
+
+
+def test_failed_lists_failures_and_retry_runs_them_again(service, worker_processes):
+    config, env, settings, store = service
+    run_id = client.enqueue(["first", "second"], settings)
+    broker = redis.Redis.from_url(settings.broker.url)
+    broker.delete(settings.broker.queue)  # the batch never ran ...
+    counters = progress.RunProgress(progress.connect(settings.broker.url), run_id)
+    counters.failed("0000002-000", "RuntimeError: CUDA error: an illegal memory access")  # ... as if failed
+
+    listed = sdbatch("failed", run_id, "--config", str(config), env=env)
+    status_before = sdbatch("status", run_id, "--config", str(config), env=env)
+    retried = sdbatch("retry", run_id, "--config", str(config), env=env)
+    workers = worker_processes.start(1, config, env)
+    wait_for(lambda: counters.status().done == 1, "the retried job", 120, workers[0].process,
+             workers[0].log_path)
+
+    assert listed.stdout == "0000002-000\tline 2\tRuntimeError: CUDA error: an illegal memory access\n"
+    assert status_before.returncode == 2  # some failed
+    assert f"re-enqueued 1 failed jobs of {run_id}" in retried.stdout
+    assert counters.failures() == {} and counters.done_ids() == {"0000002-000"}
+    assert store.list(f"{run_id}/images") == [f"{run_id}/images/0000002-000.png"]
