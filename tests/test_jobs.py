@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from worker import jobs
+from worker import jobs, validate
 from worker.jobs import MessageError, PromptFileError, derive_seed, expand, micro_batches, read_prompt_file
 from worker.validate import SAMPLERS, Limits
 
@@ -260,6 +260,13 @@ def test_samplers_accepted_are_exactly_sdcores():
     from sdcore.samplers import NAMES
 
     assert SAMPLERS == NAMES
+
+
+def test_sizes_and_steps_accepted_are_within_what_sdcore_generates():
+    from sdcore import pipeline
+
+    assert (validate.MIN_SIDE, validate.MAX_SIDE) == (pipeline.MIN_SIZE, pipeline.MAX_SIZE)
+    assert Limits().max_steps <= pipeline.MAX_STEPS
 
 
 # --- task messages: checked again in the worker -------------------------------------------------------------
