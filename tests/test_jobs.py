@@ -263,10 +263,10 @@ def test_samplers_accepted_are_exactly_sdcores():
 
 
 def test_sizes_and_steps_accepted_are_within_what_sdcore_generates():
-    from sdcore import pipeline
+    from sdcore import pipeline, samplers
 
     assert (validate.MIN_SIDE, validate.MAX_SIDE) == (pipeline.MIN_SIZE, pipeline.MAX_SIZE)
-    assert Limits().max_steps <= pipeline.MAX_STEPS
+    assert Limits().max_steps <= samplers.MAX_STEPS
 
 
 # --- task messages: checked again in the worker -------------------------------------------------------------
