@@ -269,11 +269,13 @@ class RedisServer:
 
     dir: Path
     port: int = field(default_factory=free_port)
+    password: str | None = None  # --requirepass: clients must AUTH
     process: subprocess.Popen | None = None
     startup_s: float | None = None
 
     def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     @property
     def running(self) -> bool:
@@ -289,8 +291,11 @@ class RedisServer:
         argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
                 "--logfile", "redis.log"]
+        if self.password:
+            argv += ["--requirepass", self.password]
         self.process = _spawn(argv, self.dir / "stdout.log")
-        probe = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        probe = redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
+                            socket_connect_timeout=0.5)
         self.startup_s = wait_for(lambda: _redis_answers(probe), f"redis-server on port {self.port}",
                                   READY_DEADLINE_S, self.process, self.dir / "redis.log")
         probe.close()
@@ -318,15 +323,28 @@ def redis_server(tmp_path) -> Iterator[RedisServer]:
     server.stop(signal.SIGKILL)
 
 
+@pytest.fixture
+def redis_server_with_password(tmp_path) -> Iterator[RedisServer]:
+    """A test-owned redis-server that refuses clients without its (random) password."""
+    server = RedisServer(dir=tmp_path / "redis-auth", password=uuid.uuid4().hex)
+    server.start()
+    yield server
+    server.stop(signal.SIGKILL)
+
+
 # --- Celery workers and Flower ------------------------------------------------------------------------------
 
 def sdbatch_env(config: str | os.PathLike, broker_url: str, s3: S3Server | None = None,
                 **extra: str) -> dict[str, str]:
     """The environment of a worker/Flower/CLI subprocess: this one's, minus any AWS or SDBATCH settings of the
-    person running the tests, plus the config path, the broker and (optionally) the test S3's credentials."""
+    person running the tests, plus the config path, the broker and (optionally) the test S3's credentials.
+
+    One torch thread per process: test workers share 2 cores with each other and with other test sessions,
+    and oversubscribed OpenMP threads spin on each other (a tiny-random batch measured 0.1 s with one thread,
+    11-26 s with two on a loaded machine), which blows the batches' time limits."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SDBATCH_"))}
-    return {**inherited, "SDBATCH_CONFIG": str(config), "SDBATCH_BROKER_URL": broker_url,
-            **(s3.env() if s3 is not None else {}), **extra}
+    return {**inherited, "OMP_NUM_THREADS": "1", "SDBATCH_CONFIG": str(config),
+            "SDBATCH_BROKER_URL": broker_url, **(s3.env() if s3 is not None else {}), **extra}
 
 
 READY_LINE = re.compile(r"^.*?(\S+@\S+) ready\.$", re.MULTILINE)  # Celery's INFO line once a node consumes

@@ -9,6 +9,8 @@ Delivery guarantees (issue 5) come from these settings, not from code:
   than `visibility_timeout` (= limits.batch_time_limit + 15 s, so never while a live worker still runs it),
   scanning every `unacked_restore_interval` seconds: with the default 40 s limit a lost batch is back in the
   queue within a minute;
+- a message that carries no time limits (from another client) gets limits.batch_time_limit as its hard limit;
+  a batch that hits it is recorded as failed (worker.tasks.BatchTask), `sdbatch retry` takes it again;
 - `worker_prefetch_multiplier=1`: a worker holds one batch, so a killed worker strands at most that one;
 - the Redis transport drops (with a log line) a queue entry that is not a message at all (`RedisTransport`).
 """
@@ -23,6 +25,7 @@ from celery import Celery
 from kombu.transport import redis as kombu_redis
 
 from worker.config import Settings, from_env
+from worker.tasks import soft_limit
 
 log = logging.getLogger(__name__)
 RESTORE_INTERVAL_S = 5
@@ -71,6 +74,8 @@ def celery_config(settings: Settings) -> dict:
         "event_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,  # results live in storage and in the progress counters
+        "task_time_limit": limits.batch_time_limit,
+        "task_soft_time_limit": soft_limit(limits.batch_time_limit),
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,

@@ -5,22 +5,33 @@
     sdbatch worker --config configs/sd15-fp16.yaml --devices all         # one Celery worker per GPU
     sdbatch status RUN_ID --config configs/sd15-fp16.yaml --wait         # 0 all done, 2 some failed
 
-Exit codes: 0 success; 1 still pending (status without --wait); 2 some jobs failed; 3 bad input or config.
+Exit codes: 0 success; 1 still pending (status without --wait); 2 some jobs failed; 3 bad input or config;
+4 Redis or the store unavailable (after retries; nothing half-done is lost: `resume` finishes an enqueue).
+
+Worker node names are unique per host: `cpu@host` and `gpuN@host` for the first supervisor, `cpu-2@host` ...
+for further ones on the same host (Celery and Flower need unique names), or `--name NAME` (env
+SDBATCH_NODE_NAME): `NAME@host` on the CPU, `NAME-gpuN@host` per GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 from worker.config import ConfigError, Settings, load_config, redact_url
+from worker.validate import check_run_id
 
-EXIT_OK, EXIT_PENDING, EXIT_FAILED, EXIT_INPUT = 0, 1, 2, 3
+EXIT_OK, EXIT_PENDING, EXIT_FAILED, EXIT_INPUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
+NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--devices", default="all", help="all | cpu | comma-separated GPU indices (0,1)")
     worker.add_argument("--concurrency", type=int, default=1, help="pool processes per device")
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--name", default=os.environ.get("SDBATCH_NODE_NAME"),
+                        help="node name base (env SDBATCH_NODE_NAME); default cpu / gpuN, unique per host")
 
     for name, text in (("status", "progress of a run"), ("failed", "list a run's failed jobs"),
                        ("retry", "re-enqueue a run's failed jobs"),
@@ -57,15 +70,26 @@ def main(argv: list[str] | None = None) -> int:
                                  help="follow until every job is done or failed")
 
     args = parser.parse_args(argv)
+    from worker.client import BROKER_ERRORS, BrokerUnavailable
+    from worker.storage import StorageUnavailable
+
+    settings = None
     try:
         settings = load_config(args.config)
         return COMMANDS[args.command](args, settings)
     except ConfigError as error:
         print(f"sdbatch: {error}", file=sys.stderr)
         return EXIT_INPUT
-    except ValueError as error:  # PromptFileError, RunError: already name the file, line or field
+    except ValueError as error:  # PromptFileError, RunError, InvalidField: they name the file, line or field
         print(f"sdbatch: {error}", file=sys.stderr)
         return EXIT_INPUT
+    except (BrokerUnavailable, StorageUnavailable) as error:
+        print(f"sdbatch: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except BROKER_ERRORS as error:
+        print(f"sdbatch: broker {redact_url(settings.broker.url)} unavailable ({error}); accepted: a "
+              "reachable Redis with the right password (SDBATCH_BROKER_URL or broker.url)", file=sys.stderr)
+        return EXIT_UNAVAILABLE
 
 
 def cmd_run(args, settings: Settings) -> int:
@@ -134,11 +158,15 @@ def _print_skipped(errors: list[str]) -> None:
 
 def cmd_worker(args, settings: Settings) -> int:
     devices = _devices(args.devices, settings)
+    if args.name is not None and not NODE_NAME_PATTERN.fullmatch(args.name):
+        raise ConfigError(f"--name: {args.name!r} is not a node name; accepted: 1 to 64 characters from "
+                          "A-Z a-z 0-9 _ . -")
     env = {**os.environ, "SDBATCH_CONFIG": os.path.abspath(args.config)}
     children: dict[int, tuple[str, subprocess.Popen]] = {}
+    names = {device: claim_node_name(_node_base(device, args.name)) for device in devices}
 
     def start(device: str) -> None:
-        name = "cpu" if device == "cpu" else f"gpu{device}"
+        name = names[device][0]
         # one visible GPU per process: the model and every CUDA context of that process land on it
         visible = "" if device == "cpu" else device
         argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-n", f"{name}@%h",
@@ -176,6 +204,28 @@ def cmd_worker(args, settings: Settings) -> int:
     return status if status > 0 else 0
 
 
+def _node_base(device: str, name: str | None) -> str:
+    if name is None:
+        return "cpu" if device == "cpu" else f"gpu{device}"
+    return name if device == "cpu" else f"{name}-gpu{device}"
+
+
+def claim_node_name(base: str, lock_dir: str | None = None) -> tuple[str, object]:
+    """(`base`, or `base-2`, `base-3` ...: the first name no other live `sdbatch worker` on this host
+    holds, the held lock). A lock file per name, held for this supervisor's life and freed by the kernel when
+    it dies, says which names are taken. A container has its own /tmp, so its one worker keeps the plain name
+    that its healthcheck pings."""
+    host = socket.gethostname()
+    for number in itertools.count(1):
+        name = base if number == 1 else f"{base}-{number}"
+        lock = open(os.path.join(lock_dir or tempfile.gettempdir(), f"sdbatch-node-{name}@{host}.lock"), "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return name, lock
+        except BlockingIOError:
+            lock.close()
+
+
 def _devices(requested: str, settings: Settings) -> list[str]:
     if requested == "cpu":
         if settings.model.device == "cuda":
@@ -199,6 +249,7 @@ def cmd_status(args, settings: Settings) -> int:
 
     from worker import progress
 
+    check_run_id(args.run_id)
     counters = progress.RunProgress(progress.connect(settings.broker.url), args.run_id)
     if not counters.exists():
         print(f"sdbatch: run {args.run_id} has no counters on {redact_url(settings.broker.url)}; "

@@ -14,9 +14,12 @@ import os
 import platform
 import time
 
+import redis
+from kombu.exceptions import OperationalError
+
 from worker import progress
 from worker.app import make_app
-from worker.config import Settings, load_config
+from worker.config import Settings, load_config, redact_url
 from worker.jobs import (
     Job,
     PromptFileError,
@@ -33,9 +36,16 @@ from worker.storage import open_storage
 from worker.tasks import TASK_NAME, time_limits
 from worker.validate import InvalidField, check_run_id, check_seed
 
+# what redis-py and kombu raise when Redis is down or refuses us (their messages carry no password)
+BROKER_ERRORS = (redis.RedisError, OperationalError)
+
 
 class RunError(ValueError):
     """A run that cannot be enqueued, retried or resumed as asked."""
+
+
+class BrokerUnavailable(RuntimeError):
+    """Redis did not answer (after the clients' own retries, ~40 s): nothing is lost, but the run waits."""
 
 
 def _settings(config: str | os.PathLike | Settings) -> Settings:
@@ -84,8 +94,14 @@ def enqueue_prepared(settings: Settings, run_id: str, jobs: list[Job], header: d
         raise RunError(f"run {run_id} already exists at {store.location(record_key)}; "
                        f"accepted: a new --run-id, or `sdbatch resume {run_id}` to finish it")
     store.put(record_key, run_record(run_id, header, jobs), "application/x-ndjson")
-    progress.RunProgress(progress.connect(settings.broker.url), run_id).begin(len(jobs))
-    send(settings, run_id, jobs)
+    try:
+        progress.RunProgress(progress.connect(settings.broker.url), run_id).begin(len(jobs))
+        send(settings, run_id, jobs)
+    except BROKER_ERRORS as error:
+        raise BrokerUnavailable(
+            f"broker {redact_url(settings.broker.url)} unavailable ({error}); run {run_id} is recorded at "
+            f"{store.location(record_key)}: once the broker answers, `sdbatch resume {run_id} --config "
+            f"{settings.path}` enqueues it") from None
 
 
 def send(settings: Settings, run_id: str, jobs: list[Job]) -> int:
@@ -145,4 +161,4 @@ def resume(config, run_id: str) -> int:
 
 
 __all__ = ["enqueue", "enqueue_prepared", "retry", "resume", "prepare", "send", "load_run", "RunError",
-           "PromptFileError"]
+           "BrokerUnavailable", "BROKER_ERRORS", "PromptFileError"]

@@ -22,7 +22,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from worker.validate import InvalidField, Limits, check_float, check_generation, check_int, check_seed
+from worker.validate import (
+    MAX_STEPS,
+    InvalidField,
+    Limits,
+    check_float,
+    check_generation,
+    check_int,
+    check_seed,
+)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -164,6 +172,9 @@ def _limits(values: dict) -> Limits:
         else:
             low = 0 if name == "max_memory_per_child_mb" else 1
             checked[name] = check_int(f"limits.{name}", value, low, 10**12)
+    if checked.get("max_steps", 0) > MAX_STEPS:
+        raise InvalidField("limits.max_steps", f"{checked['max_steps']} is over {MAX_STEPS}",
+                           f"1 to {MAX_STEPS} (sdcore's samplers run at most {MAX_STEPS} steps)")
     if checked.get("max_images_per_prompt", 0) > 999:
         raise InvalidField("limits.max_images_per_prompt", "is over 999", "1 to 999 (job ids keep 3 digits)")
     return Limits(**checked)

@@ -7,6 +7,10 @@ the `failed` hash (job id -> reason), removed when the job later succeeds.
     sdbatch:run:{run_id}:info    hash: total, created, started (first task start), last_done (time)
     sdbatch:run:{run_id}:done    set of job ids
     sdbatch:run:{run_id}:failed  hash job id -> reason
+
+Every write refreshes a TTL of RUN_TTL_S (30 days) on the run's keys, so the counters of a finished or
+abandoned run leave Redis by themselves a month after its last activity; its images and run record stay in
+storage, and `sdbatch resume` rebuilds the counters from them.
 """
 
 from __future__ import annotations
@@ -18,10 +22,15 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+RUN_TTL_S = 30 * 24 * 3600
+
 # Record a failure only for a job not already done: a late duplicate of a finished job must not undo it.
 _FAIL_UNLESS_DONE = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
     redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+end
+for _, key in ipairs(KEYS) do
+    redis.call('EXPIRE', key, ARGV[3])
 end
 """
 
@@ -66,7 +75,12 @@ class RunProgress:
         self.client, self.run_id = client, run_id
         prefix = f"sdbatch:run:{run_id}"
         self.info_key, self.done_key, self.failed_key = f"{prefix}:info", f"{prefix}:done", f"{prefix}:failed"
+        self.keys = (self.info_key, self.done_key, self.failed_key)
         self._fail = client.register_script(_FAIL_UNLESS_DONE)
+
+    def _refresh(self, pipe) -> None:
+        for key in self.keys:
+            pipe.expire(key, RUN_TTL_S)
 
     def exists(self) -> bool:
         return bool(self.client.exists(self.info_key))
@@ -83,25 +97,34 @@ class RunProgress:
         if pending:
             pipe.srem(self.done_key, *pending)
             pipe.hdel(self.failed_key, *pending)
+        self._refresh(pipe)
         pipe.execute()
 
     def started(self) -> None:
-        self.client.hsetnx(self.info_key, "started", time.time())
+        pipe = self.client.pipeline()
+        pipe.hsetnx(self.info_key, "started", time.time())
+        self._refresh(pipe)
+        pipe.execute()
 
     def done(self, job_id: str) -> None:
         pipe = self.client.pipeline()
         pipe.sadd(self.done_key, job_id)
         pipe.hdel(self.failed_key, job_id)
         pipe.hset(self.info_key, "last_done", time.time())
+        self._refresh(pipe)
         pipe.execute()
 
     def failed(self, job_id: str, reason: str) -> None:
-        self._fail(keys=[self.done_key, self.failed_key], args=[job_id, reason[:2000]])
+        self._fail(keys=[self.done_key, self.failed_key, self.info_key],
+                   args=[job_id, reason[:2000], RUN_TTL_S])
 
     def forget_failures(self, job_ids: list[str]) -> None:
         """Before re-enqueueing failed jobs: they are pending again."""
         if job_ids:
-            self.client.hdel(self.failed_key, *job_ids)
+            pipe = self.client.pipeline()
+            pipe.hdel(self.failed_key, *job_ids)
+            self._refresh(pipe)
+            pipe.execute()
 
     def failures(self) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in sorted(self.client.hgetall(self.failed_key).items())}

@@ -2,8 +2,11 @@
 
 `process` is the task's whole body, shared by the Celery task (`generate_batch`) and by `sdbatch run`, which
 calls it in-process. Failure isolation (issue 5): a batch that raises is split when out of memory and
-otherwise retried job by job once; a job that still fails is recorded with its reason, its neighbours are not.
-A store that is down makes the task retry later; a malformed message is rejected with a log line.
+otherwise retried job by job once; a job that still fails, or whose image came out NaN, is recorded with its
+reason, its neighbours are not. A store that is down makes the task retry later; a malformed message is
+rejected with a log line. Whatever else ends a batch (its hard time limit, a bug, a store down for an hour) is
+recorded by `BatchTask.on_failure` as the failure of its unfinished jobs, so no consumed job stays pending:
+`status` finishes and `retry` takes them again.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from celery import shared_task
-from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery import Task, shared_task
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import worker_process_init
 
 from worker import config, progress
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 TASK_NAME = "sdbatch.generate_batch"
 STORAGE_RETRY_DELAYS = (1, 2, 5, 10, 20)  # seconds; kept below the visibility timeout (see worker.app)
 STORAGE_MAX_RETRIES = 180  # ~1 hour of outage before the jobs are recorded as failed
+NON_FINITE = "non-finite output: the latents held NaN or inf after the last step (fp16 overflow?)"
 
 
 class Recorder(Protocol):
@@ -46,7 +50,12 @@ def time_limits(generation: dict, jobs: int, limits: Limits) -> tuple[int, int]:
     area = generation["width"] * generation["height"] / (512 * 512)
     expected = limits.step_seconds * generation["steps"] * jobs * area
     hard = max(min(limits.batch_time_limit, int(20 + 4 * expected)), 2)
-    return max(hard - max(hard // 10, 1), 1), hard
+    return soft_limit(hard), hard
+
+
+def soft_limit(hard: int) -> int:
+    """The soft limit that leaves the batch a tenth of its hard limit to record its jobs as failed."""
+    return max(hard - max(hard // 10, 1), 1)
 
 
 def load_pipeline(model: ModelSettings):
@@ -86,20 +95,36 @@ class BatchRunner:
                 self._write(run_id, job, outcome, len(jobs), generate_s)
             except StorageUnavailable:
                 raise
+            except SoftTimeLimitExceeded:
+                # the images exist but the store took them too slowly for the batch's time limit: as for an
+                # outage, retry the batch later (it makes the same bytes again)
+                raise StorageUnavailable("the store was too slow: the batch's soft time limit hit during "
+                                         "uploads") from None
             except StorageError as error:
                 recorder.failed(job.job_id, f"storage: {error}")
                 continue
             recorder.done(job.job_id)
 
-    def _generate(self, jobs: list[Job]):
-        return self.pipe.generate([job.prompt for job in jobs], [job.seed for job in jobs],
-                                  negative_prompts=[job.negative_prompt for job in jobs],
-                                  progress=False, **jobs[0].generation())
+    def _generate(self, jobs: list[Job]) -> list[tuple[Job, object]]:
+        """One pipeline pass: [(job, PIL image, or NON_FINITE when its latents are not finite)]."""
+        finite = []
+
+        def check_last_step(step: int, total: int, latents) -> None:
+            # sdcore hands back PIL images, in which NaN has already become black pixels: judge each image by
+            # its final latents instead (one reduction; the fp16 VAE overflow is redone in fp32 by sdcore)
+            if step == total:
+                finite.extend(latents.flatten(1).isfinite().all(1).tolist())
+
+        images = self.pipe.generate([job.prompt for job in jobs], [job.seed for job in jobs],
+                                    negative_prompts=[job.negative_prompt for job in jobs],
+                                    progress=False, callback=check_last_step, **jobs[0].generation())
+        return [(job, image if ok else NON_FINITE)
+                for job, image, ok in zip(jobs, images, finite, strict=True)]
 
     def _generate_isolated(self, jobs: list[Job]) -> list[tuple[Job, object]]:
         """[(job, PIL image or failure reason)]."""
         try:
-            return list(zip(jobs, self._generate(jobs), strict=True))
+            return self._generate(jobs)
         except SoftTimeLimitExceeded:
             # no time left to retry anything: record the batch, `sdbatch retry` can take it again
             return [(job, "time limit exceeded (limits.batch_time_limit / step_seconds)") for job in jobs]
@@ -118,7 +143,7 @@ class BatchRunner:
             outcomes = []
             for job in jobs:
                 try:
-                    outcomes.append((job, self._generate([job])[0]))
+                    outcomes += self._generate([job])
                 except SoftTimeLimitExceeded:
                     raise
                 except Exception as alone:
@@ -177,6 +202,15 @@ class WorkerState:
 
 
 _state: WorkerState | None = None
+_counters_client = None
+
+
+def counters_client():
+    """This process's Redis client for the run counters (the worker's main process has no WorkerState)."""
+    global _counters_client
+    if _counters_client is None:
+        _counters_client = progress.connect(config.from_env().broker.url)
+    return _counters_client
 
 
 def worker_state(hostname: str | None = None) -> WorkerState:
@@ -187,7 +221,7 @@ def worker_state(hostname: str | None = None) -> WorkerState:
         settings = config.from_env()
         runner = BatchRunner(load_pipeline(settings.model), open_storage(settings.storage),
                              hostname or socket.gethostname())
-        _state = WorkerState(settings, runner, progress.connect(settings.broker.url))
+        _state = WorkerState(settings, runner, counters_client())
         log.info("model %s loaded (%s)", runner.pipe.name, runner.pipe.precision)
     return _state
 
@@ -197,7 +231,29 @@ def _load_model_at_process_start(**_) -> None:
     worker_state()
 
 
-@shared_task(name=TASK_NAME, bind=True, max_retries=STORAGE_MAX_RETRIES)
+class BatchTask(Task):
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        """A batch that ended by an exception: its jobs not done are recorded as failed. Celery calls this in
+        the pool process for an exception, and in the worker's main process for the hard time limit (which
+        kills the pool process, so nothing of the batch could record itself)."""
+        if isinstance(exc, TimeLimitExceeded):
+            reason = (f"hard time limit ({exc.args[0] if exc.args else '?'} s) exceeded; accepted: a batch "
+                      "that fits limits.batch_time_limit (or a larger limits.step_seconds)")
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        try:
+            run_id, jobs, _ = from_message(args[0] if args else None, config.from_env().limits)
+            recorder = progress.RunProgress(counters_client(), run_id)
+            for job in jobs:
+                recorder.failed(job.job_id, reason)
+        except Exception as error:  # a message that never was usable, or Redis gone: `resume` finds them
+            log.error("task %s failed (%s) and its jobs could not be recorded as failed: %s", task_id, reason,
+                      error)
+            return
+        log.error("run %s: %d jobs of task %s recorded as failed: %s", run_id, len(jobs), task_id, reason)
+
+
+@shared_task(name=TASK_NAME, bind=True, base=BatchTask, max_retries=STORAGE_MAX_RETRIES)
 def generate_batch(self, message):
     state = worker_state()
     state.runner.hostname = self.request.hostname or state.runner.hostname
@@ -209,11 +265,7 @@ def generate_batch(self, message):
         raise Reject(str(error), requeue=False) from None
     except StorageUnavailable as error:
         if self.request.retries >= self.max_retries:
-            run_id = message["run_id"]
-            recorder = progress.RunProgress(state.redis, run_id)
-            for job in message["jobs"]:
-                recorder.failed(job["job_id"], f"storage unavailable: {error}")
-            raise
+            raise  # on_failure records the batch's jobs as failed
         delay = STORAGE_RETRY_DELAYS[min(self.request.retries, len(STORAGE_RETRY_DELAYS) - 1)]
         log.warning("storage unavailable (%s); retrying the batch in %d s", error, delay)
         raise self.retry(countdown=delay) from None

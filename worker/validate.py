@@ -11,6 +11,7 @@ from dataclasses import dataclass
 # The names of sdcore.samplers.NAMES (docs/interfaces.md), spelled out so that enqueueing never imports torch;
 # tests/test_jobs.py asserts the two lists are equal.
 SAMPLERS = ("ddpm", "ddim", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+MAX_STEPS = 999  # sdcore.samplers.MAX_STEPS: the schedule has 1000 timesteps
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes any unsigned 64-bit seed
 MIN_SIDE, MAX_SIDE = 64, 2048  # sdcore.pipeline's MIN_SIZE, MAX_SIZE
 GUIDANCE_RANGE = (0.0, 100.0)
