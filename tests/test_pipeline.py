@@ -362,6 +362,19 @@ def test_vae_decode_redoes_an_fp16_overflow_in_fp32(tiny):
     assert image.std() > 8  # not the black image that NaN would give
 
 
+def test_vae_encode_redoes_an_fp16_overflow_in_fp32(tiny):
+    half = half_copy(tiny.ours)
+    image = init_image(64, 64)
+    with torch.no_grad():
+        weight = half.vae.encoder.conv_in.weight
+        weight *= 60000 / weight.abs().max().item()
+        pixels = from_pil(image, 64, 64)
+        assert not torch.isfinite(half.vae.encode(pixels.half()).mean).all()  # the overflow
+        latents = half.encode_images([image], [torch.Generator().manual_seed(1)], 64, 64)
+        in_fp32 = _half(half.vae).float().encode(pixels).sample(torch.Generator().manual_seed(1))
+    assert torch.equal(latents, VAE_SCALE * in_fp32)
+
+
 # -- arguments ---------------------------------------------------------------------------------------------
 
 BLACK = Image.new("RGB", (64, 64))
