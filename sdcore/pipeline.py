@@ -52,6 +52,9 @@ def load(source: str, device: str | torch.device = "cpu", dtype: str | torch.dty
          tokenizer=None, ema: str | bool = "auto") -> Pipeline:
     """Load a checkpoint (.ckpt / .safetensors / diffusers folder / "tiny-random") as a ready Pipeline."""
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available: torch sees no CUDA GPU "
+                         f"(torch {torch.__version__}); use device='cpu'")
     dtype = resolve_dtype(dtype, device)
     return Pipeline(load_components(source, device=device, dtype=dtype, tokenizer=tokenizer, ema=ema))
 

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -82,6 +83,8 @@ def test_img2img_from_the_command_line_and_back(made, tmp_path, capsys):
     (["x", "--checkpoint", "tiny-random", "--seed", "-1"], "seeds[0] = -1 is out of range"),
     (["x", "--checkpoint", "tiny-random", "--strength", "0.5"], "--strength applies to img2img only"),
     (["x"], "--checkpoint is required"),
+    *([(["x", "--checkpoint", "tiny-random", "--device", "cuda"], "device 'cuda' is not available")]
+      if not torch.cuda.is_available() else []),
     (["--checkpoint", "tiny-random"], "needs a PROMPT argument or --from-png"),
     (["x", "--checkpoint", "no-such-model.safetensors"], "no-such-model.safetensors"),
     (["--from-png", "no-such-image.png"], "no-such-image.png"),

@@ -24,10 +24,11 @@ from diffusers import (
 )
 from PIL import Image
 
+import sdcore
 from sdcore import Pipeline
 from sdcore.checkpoint import Components
 from sdcore.config import CLIPConfig, UNetConfig, VAEConfig, tiny_clip, tiny_unet, tiny_vae
-from sdcore.pipeline import VAE_SCALE, from_pil, to_pil
+from sdcore.pipeline import VAE_SCALE, from_pil, resolve_dtype, to_pil
 from sdcore.png import REQUIRED_KEYS, png_bytes, read_settings
 from sdcore.tokenizer import CLIPTokenizer
 from tests.fixtures_tokenizer import reference_tokenizer, write_clip_tokenizer_folder
@@ -335,6 +336,18 @@ def half_copy(pipe: Pipeline) -> Pipeline:
 
 def _half(module):
     return copy.deepcopy(module).half()
+
+
+def test_load_takes_precision_names_or_dtypes_and_defaults_to_fp32_on_cpu():
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(None, torch.device("cuda")) == torch.float16
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype(torch.float16, torch.device("cpu")) == torch.float16
+    with pytest.raises(ValueError, match=r"dtype 'fp8' is not supported; use one of \['fp32', 'fp16'"):
+        resolve_dtype("fp8", torch.device("cpu"))
+    pipe = sdcore.load("tiny-random", dtype="fp16")
+    assert (pipe.precision, pipe.dtype, pipe.model_hash) == ("fp16", torch.float16, None)
+    assert next(pipe.vae.parameters()).dtype == torch.float16
 
 
 def test_fp16_on_cpu_stays_close_to_fp32(tiny):
