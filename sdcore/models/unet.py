@@ -104,11 +104,13 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[2:]
-        tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        b, c, h, w = x.shape
+        # One copy each way: strided token views would make every LayerNorm, linear and residual add copy,
+        # and would hand proj_out a channels-last layout that the rest of the NCHW network converts back.
+        tokens = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return self.proj_out(tokens.transpose(1, 2).unflatten(2, (h, w))) + x
+        return self.proj_out(tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()) + x
 
 
 class Downsample(nn.Module):

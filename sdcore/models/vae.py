@@ -61,10 +61,12 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = self.norm(x)
-        q, k, v = (proj(y).flatten(2).transpose(1, 2) for proj in (self.q, self.k, self.v))
-        out = attention(q, k, v, heads=1).transpose(1, 2).unflatten(2, (h, w))
-        return x + self.proj_out(out)
+        # A 1x1 conv is a linear map per pixel: apply the conv weights to one contiguous token copy instead
+        # of making three strided token views from three conv outputs.
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        q, k, v = (F.linear(tokens, proj.weight.flatten(1), proj.bias) for proj in (self.q, self.k, self.v))
+        out = F.linear(attention(q, k, v, heads=1), self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + out.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):
