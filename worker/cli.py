@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     from worker.client import BROKER_ERRORS, BrokerUnavailable
-    from worker.storage import StorageUnavailable
+    from worker.storage import StorageError, StorageUnavailable
 
     settings = None
     try:
@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BrokerUnavailable, StorageUnavailable) as error:
         print(f"sdbatch: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except StorageError as error:  # permanent: access denied, no such bucket: the settings are wrong
+        print(f"sdbatch: storage: {error}", file=sys.stderr)
+        return EXIT_INPUT
     except BROKER_ERRORS as error:
         print(f"sdbatch: broker {redact_url(settings.broker.url)} unavailable ({error}); accepted: a "
               "reachable Redis with the right password (SDBATCH_BROKER_URL or broker.url)", file=sys.stderr)

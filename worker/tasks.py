@@ -237,8 +237,9 @@ class BatchTask(Task):
         the pool process for an exception, and in the worker's main process for the hard time limit (which
         kills the pool process, so nothing of the batch could record itself)."""
         if isinstance(exc, TimeLimitExceeded):
-            reason = (f"hard time limit ({exc.args[0] if exc.args else '?'} s) exceeded; accepted: a batch "
-                      "that fits limits.batch_time_limit (or a larger limits.step_seconds)")
+            limit = f"{exc.args[0]:g} s" if exc.args and isinstance(exc.args[0], int | float) else "?"
+            reason = (f"hard time limit ({limit}) exceeded; accepted: a batch that fits "
+                      "limits.batch_time_limit (or a larger limits.step_seconds)")
         else:
             reason = f"{type(exc).__name__}: {exc}"
         try:
