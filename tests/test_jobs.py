@@ -3,6 +3,7 @@ seeds are reproducible, micro-batches share their settings, and task messages ar
 
 import json
 import math
+import re
 
 import pytest
 
@@ -321,3 +322,93 @@ def test_a_bad_job_is_rejected_alone_and_its_neighbours_kept(tmp_path):
                            "invalid job: prompt: contains a NUL character at position 1; accepted: "
                            "non-blank UTF-8 text of at most 2000 characters, without NUL")
     assert rejected[1][0] == "" and "invalid job without a usable job_id" in rejected[1][1]
+
+
+# The bad inputs of issue 5 item 5 again, as a worker receives them from any client: a bad job field rejects
+# that job alone (its neighbours run), a bad generation setting refuses the whole micro-batch message.
+BAD_JOB_FIELDS = [
+    ("prompt", "", "prompt: is empty or only whitespace"),
+    ("prompt", " \t ", "prompt: is empty or only whitespace"),
+    ("prompt", "x" * 100_000, "prompt: has 100000 characters; accepted: non-blank UTF-8 text of at most"),
+    ("prompt", "a\x00b", "prompt: contains a NUL character at position 1"),
+    ("prompt", "bad \udc80 text", "prompt: is not valid UTF-8 (bad data at character 4)"),
+    ("prompt", 42, "prompt: 42 is a int; accepted: non-blank UTF-8 text"),
+    ("prompt", None, "prompt: None is a NoneType"),
+    ("negative_prompt", "\x00", "negative_prompt: contains a NUL character at position 0"),
+    ("negative_prompt", ["a"], "negative_prompt: ['a'] is a list"),
+    ("seed", -1, "seed: -1 is out of range; accepted: an integer from 0 to 18446744073709551615"),
+    ("seed", 2**64, "seed: 18446744073709551616 is out of range"),
+    ("seed", 1.5, "seed: 1.5 is a float"),
+    ("seed", "7", "seed: '7' is a str"),
+    ("seed", True, "seed: True is a bool"),
+    ("image", 999, "image: 999 is out of range; accepted: an integer from 0 to 998"),
+    ("line", 0, "line: 0 is out of range"),
+]
+BAD_GENERATION = [
+    ({"steps": 0}, "steps: 0 is out of range; accepted: an integer from 1 to 150"),
+    ({"steps": -5}, "steps: -5 is out of range"),
+    ({"steps": 100_000}, "steps: 100000 is out of range"),
+    ({"steps": 20.5}, "steps: 20.5 is a float"),
+    ({"steps": "20"}, "steps: '20' is a str"),
+    ({"width": 100}, "width: 100 is not a multiple of 8"),
+    ({"height": 65}, "height: 65 is not a multiple of 8"),
+    ({"width": 8192, "height": 8192}, "width: 8192x8192 is 67108864 pixels, over the budget"),
+    ({"guidance_scale": math.nan}, "guidance_scale: nan is not finite"),
+    ({"guidance_scale": -math.inf}, "guidance_scale: -inf is not finite"),
+    ({"guidance_scale": "7"}, "guidance_scale: '7' is a str"),
+    ({"sampler": "k_lms"}, "sampler: 'k_lms' is not a known sampler; accepted: ddpm, ddim"),
+    ({"sampler": None}, "sampler: None is not a known sampler"),
+    ({"eta": 2}, "eta: 2 is out of range"),
+    ({"cfg": 7}, "generation: does not hold exactly the generation settings"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), BAD_JOB_FIELDS,
+                         ids=[f"{case[0]}={case[1]!r:.20}" for case in BAD_JOB_FIELDS])
+def test_the_worker_rejects_a_job_with_a_bad_field_alone(tmp_path, field, value, expected):
+    bad = message(tmp_path)
+    bad["jobs"][0] = {**bad["jobs"][0], field: value}
+
+    _, kept, rejected = jobs.from_message(json.loads(json.dumps(bad)), LIMITS)  # as it comes off the wire
+
+    assert [job.job_id for job in kept] == ["0000002-000"]
+    assert rejected == [("0000001-000", rejected[0][1])] and expected in rejected[0][1]
+
+
+def test_the_worker_rejects_a_job_with_unknown_or_missing_keys_alone(tmp_path):
+    bad = message(tmp_path)
+    bad["jobs"][0] = {**bad["jobs"][0], "steps": 999}
+    del bad["jobs"][1]["seed"]
+
+    _, kept, rejected = jobs.from_message(bad, LIMITS)
+
+    assert kept == [] and [job_id for job_id, _ in rejected] == ["0000001-000", "0000002-000"]
+    assert all("job: does not hold exactly the job fields" in reason for _, reason in rejected)
+
+
+@pytest.mark.parametrize(("changes", "expected"), BAD_GENERATION,
+                         ids=[f"{case[0]!r:.30}" for case in BAD_GENERATION])
+def test_the_worker_refuses_a_message_with_a_bad_generation_setting(tmp_path, changes, expected):
+    bad = message(tmp_path)
+    bad["generation"] = {**bad["generation"], **changes}
+
+    with pytest.raises(MessageError) as refused:
+        jobs.from_message(bad, LIMITS)
+
+    assert expected in str(refused.value)
+
+
+def test_the_worker_checks_every_field_the_enqueue_side_checks():
+    field = re.compile(r"([a-z_]+): ")
+    enqueue_side = {field.match(case[2])[1] for case in BAD_LINES if field.match(case[2])}
+    worker_side = {case[0] for case in BAD_JOB_FIELDS} | {field.match(case[1])[1] for case in BAD_GENERATION}
+
+    # `images` is a count at enqueue (a message has one job per image); unknown keys refuse the message whole
+    assert enqueue_side - worker_side == {"images", "cfg", "micro_batch"}
+    assert len(BAD_JOB_FIELDS) + len(BAD_GENERATION) >= 30
+
+
+def test_max_steps_is_sdcores():
+    from sdcore import samplers
+
+    assert validate.MAX_STEPS == samplers.MAX_STEPS

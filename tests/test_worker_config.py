@@ -75,6 +75,8 @@ def test_settings_are_frozen(tmp_path):
      "dpmpp_2m_karras"),
     (MINIMAL + "sampling: {width: 500}\n", "sampling.width: 500 is not a multiple of 8"),
     (MINIMAL + "sampling: {guidance_scale: .nan}\n", "sampling.guidance_scale: nan is not finite"),
+    (MINIMAL + "limits: {max_steps: 1000}\n",
+     "limits.max_steps: 1000 is over 999; accepted: 1 to 999 (sdcore's samplers run at most 999 steps)"),
     (MINIMAL + "sampling: {micro_batch: 0}\n",
      "sampling.micro_batch: 0 is out of range; accepted: an integer from 1"),
     (MINIMAL + "limits: {max_pixels: 262144}\nsampling: {width: 1024, height: 1024}\n",
