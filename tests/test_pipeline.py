@@ -356,7 +356,7 @@ def test_fp16_on_cpu_stays_close_to_fp32(tiny):
     full = generate_batch(tiny.ours, [PROMPT], [4], sampler="dpmpp_2m")[0]
     reduced = generate_batch(half, [PROMPT], [4], sampler="dpmpp_2m")[0]
     difference = np.abs(full.astype(int) - reduced.astype(int))
-    assert difference.mean() < 1.5 and difference.max() <= 16
+    assert difference.mean() < 1.0 and difference.max() <= 8  # measured: mean 0.23, max 3
 
 
 def test_vae_decode_redoes_an_fp16_overflow_in_fp32(tiny):
