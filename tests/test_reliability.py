@@ -108,6 +108,7 @@ def test_worker_node_names_are_unique_per_host_while_their_supervisor_lives(tmp_
 
 # --- bad outputs and time limits ----------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # NaN -> uint8
 def test_a_job_whose_image_comes_out_nan_fails_alone_and_its_neighbours_are_stored(tmp_path):
     settings = load_config(REPO / "configs" / "demo.yaml")
     pipe = load_pipeline(settings.model)
