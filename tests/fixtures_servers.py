@@ -36,6 +36,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 READY_DEADLINE_S = 30.0
+READY_BUCKET = "fixture-readiness"  # the start-up probe writes here, never a test's bucket
 WORKER_READY_DEADLINE_S = 120.0  # a worker imports torch and loads its model before it says ready
 POLL_S = 0.02
 SHARED_REDIS = ("127.0.0.1", 6379)
@@ -178,9 +179,14 @@ class S3Server:
         _kill_group(self.process, sig)
 
     def _answers_signed(self, probe) -> bool:
+        """A signed write and read both succeed. Listing buckets alone is not enough after a restart: the
+        filer answers before the volume server has re-registered with the master, and reads of existing
+        objects fail with InternalError until it has."""
         try:
-            probe.list_buckets()
-            return True
+            if READY_BUCKET not in {b["Name"] for b in probe.list_buckets().get("Buckets", [])}:
+                probe.create_bucket(Bucket=READY_BUCKET)
+            probe.put_object(Bucket=READY_BUCKET, Key="probe", Body=b"ready")
+            return probe.get_object(Bucket=READY_BUCKET, Key="probe")["Body"].read() == b"ready"
         except (BotoCoreError, ClientError):
             return False
 
