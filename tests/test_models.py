@@ -89,6 +89,17 @@ def test_unet_matches_diffusers(unet_pair, timesteps):
 
 
 @torch.no_grad()
+def test_unet_matches_diffusers_on_latent_sides_not_divisible_by_8(unet_pair):
+    reference, ours = unet_pair
+    g = torch.Generator().manual_seed(16)
+    latents = torch.randn(1, 4, 9, 10, generator=g)  # a 72x80 image
+    context = torch.randn(1, 77, tiny_unet().context_dim, generator=g)
+    eps = ours(latents, 300, context)
+    assert eps.shape == latents.shape
+    assert_close_to_reference(eps, reference(latents, 300, context).sample)
+
+
+@torch.no_grad()
 def test_unet_takes_a_python_scalar_timestep(unet_pair):
     _, ours = unet_pair
     latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, tiny_unet().context_dim)

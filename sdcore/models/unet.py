@@ -127,19 +127,25 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        # To the size of the skip it meets next, not 2x: odd sides were rounded up on the way down.
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """A U-Net stage: hands the time embedding to ResBlocks and the text context to SpatialTransformers."""
+    """A U-Net stage: hands the time embedding to ResBlocks, the text context to SpatialTransformers and the
+    size of the next skip connection to Upsample."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skip_size: torch.Size | None = None
+    ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, skip_size)
             else:
                 x = layer(x)
         return x
@@ -206,5 +212,6 @@ class UNetModel(nn.Module):
             skips.append(x)
         x = self.middle_block(x, emb, context)
         for block in self.output_blocks:
-            x = block(torch.cat([x, skips.pop()], dim=1), emb, context)
+            x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb, context, skips[-1].shape[2:] if skips else None)
         return self.out(x)
