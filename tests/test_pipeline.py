@@ -167,10 +167,6 @@ def test_img2img_equals_diffusers(tiny, sampler, eta):
     assert max_level_difference(ours, theirs) <= 1
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="sdcore/models/unet.py's Upsample doubles the size instead of matching the "
-                          "skip's (diffusers' forward_upsample_size), so latent sides that are not multiples "
-                          "of 8 (images not multiples of 64) do not fit")
 def test_any_multiple_of_8_size_equals_diffusers(tiny):
     theirs = reference_image(tiny, "ddim", seed=2, steps=2, width=72, height=80)
     ours = our_image(tiny, "ddim", seed=2, steps=2, width=72, height=80)
