@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sysconfig
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -79,12 +80,16 @@ def png_encode_s(pipe, micro_batch: int, generation: dict) -> float:
     return (time.perf_counter() - start) / len(images)
 
 
-def worker_timings(settings, run_id: str) -> dict:
-    """Mean per-image seconds the worker recorded in each job's metadata: its share of the batch's
-    pipe.generate, and its image's S3 PUT."""
+def run_metadata(settings, run_id: str) -> list[dict]:
     store = open_storage(settings.storage)
-    metas = [json.loads(store.get(key))["timings"] for key in store.list(f"{run_id}/meta")]
-    return {name: round(statistics.mean(m[name] for m in metas), 4) for name in ("generate_s", "upload_s")}
+    return [json.loads(store.get(key)) for key in store.list(f"{run_id}/meta")]
+
+
+def worker_timings(metas: list[dict]) -> dict:
+    """Mean per-image seconds the workers recorded in the jobs' metadata: the image's share of its batch's
+    pipe.generate, and its S3 PUT."""
+    return {name: round(statistics.mean(m["timings"][name] for m in metas), 4)
+            for name in ("generate_s", "upload_s")}
 
 
 def measure_micro_batching(pipe, report: Report, count: int, generation: dict) -> dict:
@@ -144,17 +149,18 @@ def measure_overhead(service: Service, pipe, report: Report, count: int, samplin
     before = in_process_rate(pipe, count, micro_batch, generation)
     service.start_workers(config, env, cpus=[None])
     service.timed_run(settings, prompts_for(micro_batch), "overhead-warmup")
-    seconds, _ = service.timed_run(settings, prompts_for(count), "overhead")
+    timing = service.timed_run(settings, prompts_for(count), "overhead")
     service.stop_workers()
     after = in_process_rate(pipe, count, micro_batch, generation)
     in_process = (before + after) / 2
-    served = count / seconds
-    timings = worker_timings(settings, "overhead")
+    served = count / timing.seconds
+    timings = worker_timings(run_metadata(settings, "overhead"))
     result = {"images": count, "service_images_per_s": round(served, 3),
               "in_process_images_per_s": round(in_process, 3),
               "in_process_before_after": [round(before, 3), round(after, 3)],
               "ratio": round(served / in_process, 3), "worker_per_image_s": timings,
               "in_process_per_image_s": round(1 / in_process, 4),
+              "worker_core_share": round(timing.core_share[0], 3),
               "overhead_per_image_s": round(1 / served - 1 / in_process, 4),
               "png_encode_per_image_s": round(png_encode_s(pipe, micro_batch, generation), 4)}
     report.add(benchmark="overhead", **result, load_1m=load_1m())
@@ -167,20 +173,27 @@ def measure_scaling(service: Service, report: Report, count: int, sampling: dict
         report.add(benchmark="scaling", skipped=f"needs 2 cores, this process may use {cores}")
         return {"skipped": "fewer than 2 cores"}
     config, env, settings = service.config("scaling", sampling)
-    rates = {}
+    rates, shares = {}, {}
     for workers in (1, 2):
         service.start_workers(config, env, cpus=cores[:workers])
         # a warm-up batch or two per worker: first-call allocations are not part of the steady state
         warmup = prompts_for(2 * sampling["micro_batch"] * workers)
         service.timed_run(settings, warmup, f"scaling-{workers}-warmup")
         images = count * workers
-        seconds, _ = service.timed_run(settings, prompts_for(images), f"scaling-{workers}")
+        timing = service.timed_run(settings, prompts_for(images), f"scaling-{workers}")
         service.stop_workers()
-        rates[workers] = images / seconds
+        rates[workers] = images / timing.seconds
+        shares[workers] = timing.core_share
+        served_by = Counter(meta["worker"] for meta in run_metadata(settings, f"scaling-{workers}"))
         report.add(benchmark="scaling", workers=workers, cores=cores[:workers], images=images,
-                   images_per_s=round(rates[workers], 3), load_1m=load_1m())
+                   images_per_s=round(rates[workers], 3), images_by_worker=dict(served_by),
+                   core_share=[round(share, 3) for share in timing.core_share], load_1m=load_1m())
+    # what the ratio would be if each worker had had as much CPU as it got, per core it actually received
+    per_core = {workers: rates[workers] / sum(shares[workers]) for workers in rates}
     return {"one_worker_images_per_s": round(rates[1], 3), "two_workers_images_per_s": round(rates[2], 3),
-            "ratio": round(rates[2] / rates[1], 3), "cores": cores}
+            "ratio": round(rates[2] / rates[1], 3), "cores": cores,
+            "core_share": {workers: [round(x, 3) for x in share] for workers, share in shares.items()},
+            "ratio_per_core_received": round(2 * per_core[2] / per_core[1], 3)}
 
 
 def print_summary(summary: dict, described: str) -> None:
@@ -192,12 +205,15 @@ def print_summary(summary: dict, described: str) -> None:
           f"per image: {over['overhead_per_image_s'] * 1000:.0f} ms more than in-process "
           f"{over['in_process_per_image_s']:.3f} s; worker generate {worker['generate_s']:.3f} s, "
           f"PNG encode {over['png_encode_per_image_s'] * 1000:.1f} ms, "
-          f"image PUT {worker['upload_s'] * 1000:.1f} ms")
+          f"image PUT {worker['upload_s'] * 1000:.1f} ms; the worker got {over['worker_core_share']:.2f} "
+          "of a core")
     print(f"  enqueue:   {enq['prompts']:,} prompts ({enq['messages']:,} messages) in {enq['best_s']:.2f} s "
           f"(best of {len(enq['walls_s'])}: {enq['walls_s']}; target <= 3 s)")
     if "ratio" in scale:
         print(f"  scaling:   2 pinned workers {scale['two_workers_images_per_s']:.3f} img/s vs 1 pinned "
-              f"{scale['one_worker_images_per_s']:.3f} = {scale['ratio']:.3f}x (target >= 1.8x)")
+              f"{scale['one_worker_images_per_s']:.3f} = {scale['ratio']:.3f}x (target >= 1.8x); the workers "
+              f"got {scale['core_share']} of a core each, {scale['ratio_per_core_received']:.2f}x per core "
+              "received")
     else:
         print(f"  scaling:   skipped ({scale['skipped']})")
     rates = "  ".join(f"{b}: {rate:.3f} img/s ({mb['speedup_vs_1'][b]:.2f}x)"

@@ -4,7 +4,7 @@ to one core each with taskset), started with the test fixtures' server classes o
     with Service.running() as service:
         config, env, settings = service.config("bench", {"steps": 10, "width": 128, "height": 128})
         service.start_workers(config, env, cpus=[0, 1])
-        seconds, status = service.timed_run(settings, prompts, "run-1")
+        timing = service.timed_run(settings, prompts, "run-1")   # .seconds, .status, .core_share
 
 Redis runs with `appendfsync everysec`, as deploy/ configures it, instead of the fixtures' fsync on every
 write (which tests need for crash-safety, and which would make every published message wait on the disk).
@@ -17,8 +17,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import redis
 import yaml
 
@@ -100,10 +102,10 @@ class Service:
         self.workers.kill_all()
         self.workers.started.clear()
 
-    def timed_run(self, settings: Settings, prompts: list[str], run_id: str) -> tuple[float, progress.Status]:
-        """Enqueue `prompts` and wait until every job is counted: (seconds from just before the enqueue to
-        the last job's completion as the worker stamped it, final status). Raises if any job failed."""
+    def timed_run(self, settings: Settings, prompts: list[str], run_id: str) -> RunTiming:
+        """Enqueue `prompts` and wait until every job is counted. Raises if any job failed."""
         counters = progress.RunProgress(progress.connect(settings.broker.url), run_id)
+        cpu_before = [cpu_seconds(w) for w in self.workers.started]
         start = time.time()  # the worker stamps last_done with time.time() on this same machine
         client.enqueue(prompts, settings, run_id=run_id)
         deadline = time.monotonic() + RUN_DEADLINE_S
@@ -113,6 +115,35 @@ class Service:
                 raise RuntimeError(f"run {run_id}: {status.done}/{status.total} done; "
                                    f"{'workers died: see ' + str(dead) if dead else 'deadline passed'}")
             time.sleep(POLL_S)
+        observed_s = time.time() - start
         if status.failed:
             raise RuntimeError(f"run {run_id}: {status.failed} jobs failed: {counters.failures()}")
-        return status.last_done - start, status
+        core_share = [(cpu_seconds(worker) - before) / observed_s
+                      for worker, before in zip(self.workers.started, cpu_before, strict=True)]
+        return RunTiming(status.last_done - start, status, core_share)
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    seconds: float  # from just before the enqueue to the last job's completion, as the worker stamped it
+    status: progress.Status
+    # CPU seconds each worker's process tree used per wall second of the run: how much of a core it got
+    # (on a machine that other work shares, a pinned worker gets less than 1.0)
+    core_share: list[float]
+
+
+def cpu_seconds(worker: WorkerProcess) -> float:
+    """User + system CPU seconds used so far by the live processes of a worker's tree."""
+    total = 0.0
+    try:
+        leader = psutil.Process(worker.process.pid)
+        tree = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return total
+    for process in tree:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
