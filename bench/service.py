@@ -17,7 +17,8 @@ workers get OMP_NUM_THREADS=1 (as tests/fixtures_servers.py sets it), this proce
 2. enqueue: wall time of `sdbatch enqueue` of a 10,000-line prompt file (process start, validation, run
    record to S3, 10,000 / micro-batch messages to Redis); best of N. Target <= 3 s.
 3. scaling: two workers pinned to one core each (`taskset -c`) against one pinned worker, same images per
-   worker. Target >= 1.8x.
+   worker. Target >= 1.8x. A machine that other work shares gives pinned workers less than their core:
+   each run records the CPU share each worker's process tree got, and the ratio per core received.
 4. micro-batching: in-process images/s at micro-batch 1, 2, 4, 8, and the speed-up over 1.
 """
 
@@ -188,7 +189,7 @@ def measure_scaling(service: Service, report: Report, count: int, sampling: dict
         report.add(benchmark="scaling", workers=workers, cores=cores[:workers], images=images,
                    images_per_s=round(rates[workers], 3), images_by_worker=dict(served_by),
                    core_share=[round(share, 3) for share in timing.core_share], load_1m=load_1m())
-    # what the ratio would be if each worker had had as much CPU as it got, per core it actually received
+    # the ratio had each worker had its whole core: images per CPU-second the workers received, x2 vs x1
     per_core = {workers: rates[workers] / sum(shares[workers]) for workers in rates}
     return {"one_worker_images_per_s": round(rates[1], 3), "two_workers_images_per_s": round(rates[2], 3),
             "ratio": round(rates[2] / rates[1], 3), "cores": cores,
