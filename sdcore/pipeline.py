@@ -70,6 +70,12 @@ class Pipeline:
         weight = next(self.unet.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         self.precision = next(name for name, dtype in PRECISIONS.items() if dtype == self.dtype)
+        # oneDNN's CPU convolutions run natively on channels-last (NHWC) maps and weights; NCHW costs a
+        # reorder of every map and weight in every conv (measured: U-Net step ~0.83x the NCHW time).
+        # Converting the 3x3 conv weights copies them once, here.
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        for model in (self.unet, self.vae):
+            model.to(memory_format=self.memory_format)
         self._empty_prompt_embedding = None
         self._fp32_vae = None
         self._fp32_vae_lock = threading.Lock()
@@ -135,7 +141,8 @@ class Pipeline:
                     model_input = torch.cat([model_input, model_input])
                 timesteps = t.to(self.device).expand(model_input.shape[0])
                 # The sampler's arithmetic stays in fp32; only the U-Net runs in the model's precision.
-                eps = self.unet(model_input.to(self.dtype), timesteps, context).float()
+                model_input = model_input.to(self.dtype, memory_format=self.memory_format)
+                eps = self.unet(model_input, timesteps, context).float().contiguous()
                 if guided:
                     uncond, cond = eps.chunk(2)
                     eps = uncond + guidance_scale * (cond - uncond)
@@ -190,7 +197,7 @@ class Pipeline:
         latents = []
         for image, generator in zip(images, generators, strict=True):
             pixels = from_pil(image, width, height).to(self.device)
-            posterior = self.vae.encode(pixels.to(self.dtype))
+            posterior = self.vae.encode(pixels.to(self.dtype, memory_format=self.memory_format))
             if self.dtype != torch.float32 and not all(torch.isfinite(p).all() for p in posterior):
                 posterior = self.fp32_vae().encode(pixels)
             latents.append(VAE_SCALE * posterior.sample(generator).float())
@@ -206,7 +213,7 @@ class Pipeline:
         check costs one reduction.
         """
         unscaled = latents / VAE_SCALE
-        images = self.vae.decode(unscaled.to(self.dtype)).float()
+        images = self.vae.decode(unscaled.to(self.dtype, memory_format=self.memory_format)).float()
         if self.dtype != torch.float32 and not torch.isfinite(images).all():
             images = self.fp32_vae().decode(unscaled.float())
         return images

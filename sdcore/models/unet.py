@@ -22,6 +22,11 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def layout_of(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int):
         super().__init__()
@@ -36,8 +41,8 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        h = self.in_layers(x).add_(self.emb_layers(emb)[:, :, None, None])
+        return self.out_layers(h).add_(self.skip_connection(x))
 
 
 class CrossAttention(nn.Module):
@@ -105,12 +110,14 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        # One copy each way: strided token views would make every LayerNorm, linear and residual add copy,
-        # and would hand proj_out a channels-last layout that the rest of the NCHW network converts back.
+        # Channels-last maps (the pipeline's CPU layout) are already tokens: both reshapes below are views.
+        # NCHW maps get one contiguous copy each way: strided token views would make every LayerNorm, linear
+        # and residual add copy, and a channels-last proj_out output would be converted back by every conv.
         tokens = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return self.proj_out(tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()) + x
+        maps = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout_of(x))
+        return self.proj_out(maps).add_(x)
 
 
 class Downsample(nn.Module):
