@@ -8,8 +8,8 @@ each file starts a fresh Python process that runs `sdcore.load(file)` and a 1-st
 encoder, every U-Net weight and the VAE decoder touched) and sums every parameter (the VAE encoder too).
 Both formats are memory-mapped and lazy, so `sdcore.load` alone would time little more than the index; the
 ready time is the fair figure. "cold": the file's page cache is dropped first (drop_caches when writable,
-else posix_fadvise DONTNEED on the file); "warm": read just before. Peak RSS is the child's ru_maxrss minus
-its RSS after imports, against the bytes of the loaded weights (target <= 1.3x). Target time: safetensors
+else posix_fadvise DONTNEED on the file); "warm": read just before. Peak RSS is the child's VmHWM minus its
+RSS after imports, against the bytes of the loaded weights (target <= 1.3x). Target time: safetensors
 <= 0.3x the .ckpt.
 """
 
@@ -31,15 +31,15 @@ import torch
 from bench.common import Report, reference_models
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 import sdcore
 
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+def status_bytes(field):  # VmRSS now, VmHWM its peak; ru_maxrss would include the parent's (kept by exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
-base_rss = rss_bytes()
+base_rss = status_bytes("VmRSS")
 start = time.perf_counter()
 pipe = sdcore.load(sys.argv[1])
 loaded = time.perf_counter()
@@ -52,7 +52,7 @@ with torch.inference_mode():
 ready = time.perf_counter()
 weights = sum(p.numel() * p.element_size() for m in (pipe.text_encoder, pipe.unet, pipe.vae)
               for p in m.parameters())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status_bytes("VmHWM")
 print(json.dumps(dict(load_s=loaded - start, ready_s=ready - start, weight_bytes=weights,
                       dtype=str(pipe.dtype), peak_rss_bytes=peak - base_rss, base_rss_bytes=base_rss)))
 """
