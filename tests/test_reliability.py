@@ -194,7 +194,7 @@ def test_s3_down_for_20_s_mid_run_delays_the_run_and_drops_nothing(tmp_path, red
     finished_at = time.monotonic()
     status = counters.status()
 
-    assert (status.done, status.failed) == (count, 0)
+    assert (status.done, status.failed) == (count, 0), counters.failures()
     assert done_during_outage <= 1  # at most the batch whose uploads were done before the stop
     assert_every_image_present_and_decodable(store, run_id, count)
     assert "storage unavailable" in worker.log_path.read_text()

@@ -125,8 +125,12 @@ class S3Storage:
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         with _translated_errors(f"put {self.location(key)}"):
-            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key),
-                                       ExtraArgs={"ContentType": content_type}, Config=self.transfer)
+            if len(data) < MULTIPART_THRESHOLD:  # one request, without the transfer manager's set-up
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                       ContentType=content_type)
+            else:
+                self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key),
+                                           ExtraArgs={"ContentType": content_type}, Config=self.transfer)
 
     def get(self, key: str) -> bytes:
         with _translated_errors(f"get {self.location(key)}", missing_is_keyerror=key):
