@@ -72,7 +72,7 @@ def unet_step(ours, theirs, size: int, repeat: int, peak: float, report: Report)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     row = dict(bench="unet_step", size=size, batch=2, repeat=repeat, sdcore_s=med["sdcore"],
                diffusers_s=med["diffusers"], ratio=med["sdcore"] / med["diffusers"], times=times,
-               max_abs_diff=max_abs, load_avg=[load_before, os.getloadavg()[0]])
+               max_abs_diff=max_abs, load_avg=[load_before, os.getloadavg()[0]], peak_gflops=peak)
     if size in UNET_GFLOP_PER_IMAGE:
         flops = 2 * UNET_GFLOP_PER_IMAGE[size]
         row.update(sdcore_gflops=flops / med["sdcore"], diffusers_gflops=flops / med["diffusers"],
@@ -129,6 +129,8 @@ def main() -> None:
     del references
     gc.collect()
     for size in (int(s) for s in args.sizes.split(",") if s):
+        # Measured again next to each step: a busy moment at the start would understate the peak.
+        peak = max(peak, matmul_peak_gflops())
         unet_step(ours, theirs, size, args.repeat, peak, report)
     if args.full_image_size:
         full_image(ours, theirs, args.full_image_size, args.full_image_repeat, report)
