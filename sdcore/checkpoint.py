@@ -32,12 +32,8 @@ from .models.unet import UNetModel
 from .models.vae import AutoencoderKL
 from .tokenizer import CLIPTokenizer
 
-COMPONENTS = ("text_encoder", "vae", "unet")
-PREFIXES = {
-    "text_encoder": "cond_stage_model.transformer.text_model.",
-    "vae": "first_stage_model.",
-    "unet": "model.diffusion_model.",
-}
+COMPONENTS = ("text_encoder", "vae", "unet")  # the order errors and loads go in
+PREFIXES = convert.ORIGINAL_PREFIXES
 TITLES = {"text_encoder": "text encoder", "vae": "VAE", "unet": "U-Net"}
 # Module class and the configs sdcore knows for each component, SD 1.5 first: a file's shapes pick one
 # (checkpoints do not record the head count, so dimensions cannot be fully read off the weights).
@@ -71,7 +67,6 @@ EMA_PREFIX = "model_ema."
 # of keys. Same threshold as diffusers.
 EMA_MIN_KEYS = 100
 
-DIFFUSERS_FOLDERS = {"text_encoder": "text_encoder", "vae": "vae", "unet": "unet"}
 DIFFUSERS_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -152,7 +147,7 @@ def convert_checkpoint(src, dst, half=False, layout="original", ema="auto") -> P
     for component, (cfg, tensors) in parts.items():
         diffusers = convert.original_to_diffusers(component, tensors)
         stem = "model" if component == "text_encoder" else "diffusion_pytorch_model"
-        folder = dst / DIFFUSERS_FOLDERS[component]
+        folder = dst / component
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(diffusers_config(component, cfg), indent=2) + "\n")
         _save_atomically({k: stored(t) for k, t in diffusers.items()}, folder / f"{stem}.safetensors")
@@ -282,7 +277,7 @@ def _read_diffusers_folder(folder: Path) -> tuple[dict[str, torch.Tensor], tuple
     _reject_other_diffusers_models(folder)
     flat, files, all_mapped = {}, [], True
     for component in COMPONENTS:
-        file = _diffusers_weight_file(folder / DIFFUSERS_FOLDERS[component])
+        file = _diffusers_weight_file(folder / component)
         tensors, mapped = read_file(file)
         original = convert.diffusers_to_original(component, tensors)
         flat.update((PREFIXES[component] + k, t) for k, t in original.items())
