@@ -1,5 +1,7 @@
 """GPU throughput: sdcore at 512x512, 50 steps, with CFG, fp16 and bf16, micro-batch 1/4/8/16, eager vs
-torch.compile, against diffusers' StableDiffusionPipeline on the same weights in the same run.
+torch.compile, against diffusers' StableDiffusionPipeline on the same weights in the same run. First, the
+checks that only a GPU can make (seconds, on tiny-random): CUDA fp32/fp16/bf16 images against CPU fp32, batch
+invariance and identical reruns in fp16, and the fp16 VAE overflow guard.
 
     python -m bench.gpu --out bench-out/gpu.json          # on a CUDA machine; bench/gpu.sh wraps it
     python -m bench.gpu --tiny --device cpu --steps 2     # smoke test of the script itself
@@ -16,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+import sdcore
 from bench.common import PROMPT, Report, diffusers_pipeline, reference_models, sdcore_pipeline, sync, timed
 
 FLOP_PER_IMAGE = 70e12  # SD 1.5, 512x512, 50 steps with CFG (U-Net 677 GFLOP/image-step x 2 rows + VAE)
@@ -28,6 +31,41 @@ def matmul_peak(device, dtype=torch.bfloat16, n=8192) -> float:
         a @ b
     seconds = timed(lambda: [a @ b for _ in range(10)], device) / 10
     return 2 * n**3 / seconds
+
+
+def levels(a, b) -> dict:
+    d = np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int))
+    return {"max": int(d.max()), "mean": round(float(d.mean()), 4)}
+
+
+def correctness_checks(report: Report, device) -> None:
+    """What CPU tests cannot show: precision on the device, batch invariance there, the fp16 decode guard."""
+    prompts, seeds = ["a lighthouse at dusk", "a red car", "a forest", "a cat"], [1, 2, 3, 4]
+    kw = dict(steps=8, sampler="dpmpp_2m", width=64, height=64, progress=False)
+    reference = sdcore.load("tiny-random").generate(prompts, seeds, **kw)
+    for precision in ("fp32", "fp16", "bf16"):
+        pipe = sdcore.load("tiny-random", device=device, dtype=precision)
+        got = pipe.generate(prompts, seeds, **kw)
+        report.add(check=f"tiny-random {precision} on {device.type} vs CPU fp32",
+                   levels=[levels(g, r) for g, r in zip(got, reference, strict=True)])
+    pipe = sdcore.load("tiny-random", device=device, dtype="fp16")
+    alone = pipe.generate([prompts[0]], [42], **kw)[0]
+    in_3 = pipe.generate(["x", prompts[0], "y"], [5, 42, 6], **kw)
+    in_8 = pipe.generate([f"n{i}" for i in range(5)] + [prompts[0], "n6", "n7"],
+                         [9, 8, 7, 6, 5, 42, 4, 3], **kw)
+    rerun = pipe.generate(["x", prompts[0], "y"], [5, 42, 6], **kw)
+    report.add(check="fp16 batch invariance (same prompt+seed in batches of 3 and 8 vs alone)",
+               batch_3=levels(in_3[1], alone), batch_8=levels(in_8[5], alone),
+               rerun_identical=bool(np.array_equal(np.asarray(rerun[1]), np.asarray(in_3[1]))))
+    # A decoder whose first conv overflows fp16 must still give finite pixels (redone in fp32).
+    with torch.no_grad():
+        weight = pipe.vae.decoder.conv_in.weight
+        weight *= 60000 / weight.abs().max().item()
+        latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)).to(device)
+        raw_finite = bool(torch.isfinite(pipe.vae.decode(latents.half())).all())
+        guarded_finite = bool(torch.isfinite(pipe.decode(latents * 0.18215)).all())
+    report.add(check="fp16 VAE overflow guard", raw_fp16_decode_finite=raw_finite,
+               guarded_decode_finite=guarded_finite)
 
 
 def main() -> None:
@@ -49,6 +87,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
 
+    correctness_checks(report, device)
     peak = matmul_peak(device) if device.type == "cuda" else float("nan")
     report.data["bf16_matmul_flops"] = peak
     print(f"bf16 matmul peak measured: {peak / 1e12:.0f} TFLOP/s", flush=True)

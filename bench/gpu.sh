@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The one command for a lent GPU machine (see BENCHMARKS.md): installs diffusers from wheels carried in .whl/
 # (the machine has torch and transformers but no diffusers, and no network), then runs bench/gpu.py.
-#   device run: bash bench/gpu.sh        (carry .whl; results land in $OUT/gpu.json)
+#   device run: bash bench/gpu.sh        (carry .whl; results land in $OUT/gpu.json and $OUT/gpu.log)
+# Make .whl/ here first (pure-Python wheels; the GPU image has the rest), and keep it out of git:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       diffusers==0.42.1 importlib_metadata==10.2.0
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}
