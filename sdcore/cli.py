@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--init-image", type=Path, metavar="FILE", help="img2img: start from this image")
     generate.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.8)")
     generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    generate.add_argument("--winograd", action="store_true",
+                          help="CPU fp32: run the U-Net's 3x3 convolutions as Winograd (faster, more memory)")
     generate.set_defaults(run=run_generate)
 
     convert = commands.add_parser(
@@ -100,7 +102,11 @@ def run_generate(args: argparse.Namespace) -> str:
                              f"(hash {recorded.get('model_hash')}); pass --checkpoint with that model's file")
         raise ValueError("--checkpoint is required: a .ckpt / .safetensors file, a diffusers folder, "
                          "or tiny-random")
-    pipe = load(checkpoint, device=device, dtype=args.precision or recorded.get("precision"))
+    # A recorded winograd image is remade with winograd where it can run (CPU fp32), for the same bytes.
+    winograd = args.winograd or (bool(recorded.get("winograd")) and torch.device(device).type == "cpu"
+                                 and (args.precision or "fp32") == "fp32")
+    pipe = load(checkpoint, device=device, dtype=args.precision or recorded.get("precision"),
+                winograd=winograd)
     if recorded.get("model_hash") and pipe.model_hash and recorded["model_hash"] != pipe.model_hash:
         print(f"sdcore: warning: {args.from_png} was made with model hash {recorded['model_hash']}, "
               f"{checkpoint} has {pipe.model_hash}; the image will differ", file=sys.stderr)

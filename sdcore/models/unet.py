@@ -1,7 +1,8 @@
 """The SD 1.5 denoising U-Net: (noisy latents, timesteps, text context) -> predicted noise.
 
 Attribute names follow `model.diffusion_model.*` of the original checkpoint (input_blocks, middle_block,
-output_blocks, in_layers, emb_layers, out_layers, transformer_blocks, attn1, attn2 ...).
+output_blocks, in_layers, emb_layers, out_layers, transformer_blocks, attn1, attn2 ...). The stride-1 3x3
+convolutions are WinogradConv2d: plain nn.Conv2d until `use_winograd` turns on their CPU fast path.
 """
 
 import math
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..config import UNetConfig
 from .attention import attention
+from .winograd import WinogradConv2d
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -26,12 +28,12 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int):
         super().__init__()
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(groups, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+            nn.GroupNorm(groups, in_ch), nn.SiLU(), WinogradConv2d(in_ch, out_ch)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
         # Index 2 held the (inference-time no-op) dropout; keeping the slot keeps `out_layers.3` loadable.
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(groups, out_ch), nn.SiLU(), nn.Identity(), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+            nn.GroupNorm(groups, out_ch), nn.SiLU(), nn.Identity(), WinogradConv2d(out_ch, out_ch)
         )
         self.skip_connection = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -127,7 +129,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = WinogradConv2d(ch, ch)
 
     def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
         # To the size of the skip it meets next, not 2x: odd sides were rounded up on the way down.
@@ -168,7 +170,7 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(chs[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1))]
+            [TimestepEmbedSequential(WinogradConv2d(cfg.in_channels, chs[0]))]
         )
         skip_chs, ch = [chs[0]], chs[0]
         for level, out_ch in enumerate(chs):
@@ -196,7 +198,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            nn.GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+            nn.GroupNorm(g, ch), nn.SiLU(), WinogradConv2d(ch, cfg.out_channels)
         )
 
     def forward(
