@@ -63,6 +63,12 @@ def test_settings_are_frozen(tmp_path):
      "model.device: 'tpu' is not a device; accepted: auto, cpu, cuda"),
     ("model: {checkpoint: tiny-random, device: cpu, precision: bf16}\n",
      "model.precision: bf16 on device cpu is unsupported; accepted: fp32 on cpu"),
+    ("model: {checkpoint: tiny-random, winograd: 'yes'}\n",
+     "model.winograd: 'yes' is not a boolean; accepted: true, false"),
+    ("model: {checkpoint: tiny-random, device: cuda, winograd: true}\n",
+     "model.winograd: true with device cuda, precision fp32; accepted: true only with precision fp32"),
+    ("model: {checkpoint: tiny-random, precision: fp16, winograd: true}\n",
+     "model.winograd: true with device auto, precision fp16; accepted: true only with precision fp32"),
     (MINIMAL + "model_x: 1\n", "model_x: is not a known section"),
     (MINIMAL + "sampling: {stpes: 20}\n",
      "sampling.stpes: is not a known key; accepted: sampler, steps, guidance_scale, width, height, eta, "

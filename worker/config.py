@@ -1,6 +1,6 @@
 """YAML config -> validated, frozen settings.
 
-    model:    {checkpoint: PATH | tiny-random, precision: fp32|fp16|bf16, device: auto|cpu|cuda}
+    model:    {checkpoint: PATH | tiny-random, precision: fp32|fp16|bf16, device: auto|cpu|cuda, winograd}
     sampling: {sampler, steps, guidance_scale, width, height, eta, micro_batch, seed}
     broker:   {url: redis://[:PASSWORD@]HOST:PORT/DB | rediss://..., queue}
     storage:  {url: s3://BUCKET/PREFIX | file:///DIR | file://./DIR, endpoint_url}
@@ -50,6 +50,7 @@ class ModelSettings:
     checkpoint: str
     precision: str = "fp32"
     device: str = "auto"
+    winograd: bool = False  # CPU fp32 workers: U-Net convolutions as Winograd (sdcore Pipeline.use_winograd)
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,11 @@ def _model(values: dict) -> ModelSettings:
         # CPUs here have no fast half types: bf16 matmul is emulated (~500x slower), fp16 lacks kernels.
         raise InvalidField("model.precision", f"{model.precision} on device cpu is unsupported",
                            "fp32 on cpu; fp16 or bf16 with device cuda or auto")
+    if not isinstance(model.winograd, bool):
+        raise InvalidField("model.winograd", f"{model.winograd!r} is not a boolean", "true, false")
+    if model.winograd and (model.device == "cuda" or model.precision != "fp32"):
+        raise InvalidField("model.winograd", f"true with device {model.device}, precision {model.precision}",
+                           "true only with precision fp32 and device cpu or auto (GPU workers ignore it)")
     return model
 
 

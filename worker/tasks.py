@@ -68,7 +68,9 @@ def load_pipeline(model: ModelSettings):
     device = model.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return sdcore.load(model.checkpoint, device=device, dtype=model.precision)
+    # winograd is a CPU fast path; with device auto a GPU worker leaves it off (cuDNN picks its own).
+    winograd = model.winograd and device == "cpu"
+    return sdcore.load(model.checkpoint, device=device, dtype=model.precision, winograd=winograd)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
