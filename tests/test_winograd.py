@@ -96,6 +96,13 @@ def test_training_and_half_precision_take_the_direct_path():
     assert not half._transformed
 
 
+def test_unbatched_input_works_as_in_nn_conv2d():
+    conv = WinogradConv2d(16, 16).requires_grad_(False)
+    use_winograd(conv, min_work=0)
+    x = torch.randn(16, 10, 10)
+    assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+
+
 def test_turning_it_off_frees_the_transformed_weights():
     conv = WinogradConv2d(16, 16).requires_grad_(False)
     use_winograd(conv, min_work=0)

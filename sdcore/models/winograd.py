@@ -114,11 +114,11 @@ class WinogradConv2d(nn.Conv2d):
         self._transformed = {}  # m -> (weight identity, transformed weight), made on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
         differentiable = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if (not self.winograd or x.device.type != "cpu" or x.dtype != torch.float32 or differentiable
-                or n * c * self.out_channels * h * w < self.min_work):
+                or x.dim() != 4 or x.numel() * self.out_channels < self.min_work):
             return super().forward(x)  # the Winograd path writes into buffers: inference only
+        h, w = x.shape[2:]
         m = 4 if h * w >= F4_MIN_PIXELS else 2
         return winograd_conv3x3(x, self.transformed_weight(m), self.bias, m)
 
