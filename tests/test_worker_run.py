@@ -144,3 +144,14 @@ def test_process_rejects_a_malformed_message_before_touching_anything(pipe, tmp_
                 load_config(REPO / "configs" / "demo.yaml").limits, lambda run_id: None)
 
     assert store.list("r") == []
+
+
+def test_model_winograd_reaches_the_pipeline_and_the_metadata(tmp_path):
+    from worker.config import ModelSettings
+
+    fast = load_pipeline(ModelSettings(checkpoint="tiny-random", device="cpu", winograd=True))
+    assert fast.winograd
+    store, recorder = LocalStorage(tmp_path), Recorder()
+    BatchRunner(fast, store, "test@host").run("run-w", jobs_of([5]), recorder)
+    meta = json.loads((tmp_path / "run-w" / "meta" / f"{jobs_of([5])[0].job_id}.json").read_text())
+    assert meta["winograd"] is True
