@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sdcore
+from sdcore.models import winograd
 from sdcore.models.winograd import WinogradConv2d, transform_weight, use_winograd, winograd_conv3x3
 from sdcore.png import read_settings
 
@@ -94,6 +95,20 @@ def test_training_and_half_precision_take_the_direct_path():
     xb = x.detach().bfloat16()
     assert torch.equal(half(xb), F.conv2d(xb, half.weight, half.bias, padding=1))
     assert not half._transformed
+
+
+def test_big_batches_run_in_slices_with_the_same_result(monkeypatch):
+    conv = WinogradConv2d(32, 32).requires_grad_(False)
+    use_winograd(conv, min_work=0)
+    x = torch.randn(5, 32, 16, 16)
+    whole = conv(x)
+    monkeypatch.setattr(winograd, "MAX_TILE_BYTES", 1)  # one image a slice
+    calls = []
+    monkeypatch.setattr(winograd, "winograd_conv3x3", lambda part, *args: calls.append(len(part))
+                        or winograd_conv3x3(part, *args))
+    sliced = conv(x)
+    assert calls == [1] * 5
+    assert (sliced - whole).abs().max().item() <= TOLERANCE[2]
 
 
 def test_unbatched_input_works_as_in_nn_conv2d():

@@ -39,6 +39,9 @@ MIN_WORK = 1 << 25
 # F(4x4) on maps of >= 1024 pixels, F(2x2) below: F(4x4)'s 6x6 tiles waste work on small maps (1280
 # channels at 8x8 ran 1.1x with F(4x4), 1.4x with F(2x2); 320 channels at 64x64 1.7x vs 1.0x).
 F4_MIN_PIXELS = 1024
+# The transformed tiles are (m+2)^2 / m^2 times a map (2.25x-4x): big batches of big maps run in slices of
+# the batch that keep them under this, so a 2048x2048 CFG batch does not hold gigabytes of tiles at once.
+MAX_TILE_BYTES = 256 << 20
 
 
 def transform_weight(weight: torch.Tensor, m: int) -> torch.Tensor:
@@ -120,7 +123,12 @@ class WinogradConv2d(nn.Conv2d):
             return super().forward(x)  # the Winograd path writes into buffers: inference only
         h, w = x.shape[2:]
         m = 4 if h * w >= F4_MIN_PIXELS else 2
-        return winograd_conv3x3(x, self.transformed_weight(m), self.bias, m)
+        u = self.transformed_weight(m)
+        tile_bytes = (m + 2) ** 2 * -(-h // m) * -(-w // m) * max(u.shape[1:]) * x.element_size()
+        per_slice = max(1, MAX_TILE_BYTES // tile_bytes)
+        if x.shape[0] <= per_slice:
+            return winograd_conv3x3(x, u, self.bias, m)
+        return torch.cat([winograd_conv3x3(part, u, self.bias, m) for part in x.split(per_slice)])
 
     def transformed_weight(self, m: int) -> torch.Tensor:
         # Keyed on the weight's storage and version, so loading new weights or moving the module remakes it.
