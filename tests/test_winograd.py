@@ -111,6 +111,14 @@ def test_big_batches_run_in_slices_with_the_same_result(monkeypatch):
     assert (sliced - whole).abs().max().item() <= TOLERANCE[2]
 
 
+def test_a_module_made_under_inference_mode_works():
+    with torch.inference_mode():  # its weights are inference tensors, which have no version counter
+        conv = WinogradConv2d(16, 16)
+        use_winograd(conv, min_work=0)
+        x = torch.randn(1, 16, 12, 12)
+        assert (conv(x) - F.conv2d(x, conv.weight, conv.bias, padding=1)).abs().max().item() <= TOLERANCE[2]
+
+
 def test_unbatched_input_works_as_in_nn_conv2d():
     conv = WinogradConv2d(16, 16).requires_grad_(False)
     use_winograd(conv, min_work=0)

@@ -131,8 +131,10 @@ class WinogradConv2d(nn.Conv2d):
         return torch.cat([winograd_conv3x3(part, u, self.bias, m) for part in x.split(per_slice)])
 
     def transformed_weight(self, m: int) -> torch.Tensor:
-        # Keyed on the weight's storage and version, so loading new weights or moving the module remakes it.
-        identity = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
+        # Keyed on the weight's storage and version, so loading new weights or moving the module remakes it
+        # (weights made under torch.inference_mode keep no version: their storage and dtype must do).
+        weight = self.weight
+        identity = (weight.data_ptr(), None if weight.is_inference() else weight._version, weight.dtype)
         cached = self._transformed.get(m)
         if cached is None or cached[0] != identity:
             with torch.no_grad():
