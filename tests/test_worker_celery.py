@@ -109,6 +109,17 @@ def test_enqueue_refuses_a_bad_file_and_sends_nothing(service, tmp_path):
     assert redis.Redis.from_url(settings.broker.url).llen(settings.broker.queue) == 0
 
 
+def test_a_message_shows_a_short_summary_not_a_repr_of_all_its_jobs(service):
+    _, _, settings, _ = service
+    client.enqueue([f"prompt {n}" for n in range(6)], settings, run_id="summary")
+
+    raw = redis.Redis.from_url(settings.broker.url).lrange(settings.broker.queue, 0, -1)
+    headers = [json.loads(message)["headers"] for message in raw]
+    assert sorted(h["argsrepr"] for h in headers) == ["[run summary: 2 jobs, 0000005-000..0000006-000]",
+                                                      "[run summary: 4 jobs, 0000001-000..0000004-000]"]
+    assert {h["kwargsrepr"] for h in headers} == {"{}"}
+
+
 def test_poison_messages_are_rejected_and_the_worker_serves_the_next_job(service, worker_processes):
     config, env, settings, store = service
     workers = worker_processes.start(1, config, env)

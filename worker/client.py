@@ -111,8 +111,12 @@ def send(settings: Settings, run_id: str, jobs: list[Job]) -> int:
     with app.producer_or_acquire() as producer:
         for batch in batches:
             soft, hard = time_limits(batch[0].generation(), len(batch), settings.limits)
+            # A short argsrepr (what Flower and the task-sent event show) instead of Celery's saferepr of the
+            # whole message: that repr took ~20 % of an enqueue and made every message twice its size.
+            summary = f"[run {run_id}: {len(batch)} jobs, {batch[0].job_id}..{batch[-1].job_id}]"
             app.send_task(TASK_NAME, args=[to_message(run_id, batch)], queue=settings.broker.queue,
-                          soft_time_limit=soft, time_limit=hard, producer=producer)
+                          soft_time_limit=soft, time_limit=hard, producer=producer,
+                          argsrepr=summary, kwargsrepr="{}")
     return len(batches)
 
 
