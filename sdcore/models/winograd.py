@@ -33,11 +33,12 @@ TRANSFORMS = {
 }
 
 # Below this much work (N * Cin * Cout * H * W; 0.6 GFLOP direct) the transforms cost about what the saved
-# multiplications do (measured: 320 channels at 9x9, 2**23, ran 0.8x; 1280 channels at 4x4 batch 2,
-# 2**25.6, ran 1.1-1.2x).
+# multiplications do (python -m bench.winograd: 320 channels at 9x9, 2**23, ran 0.84x; 1280 channels at 4x4
+# batch 2, 2**25.6, 1.1-2.9x across runs).
 MIN_WORK = 1 << 25
-# F(4x4) on maps of >= 1024 pixels, F(2x2) below: F(4x4)'s 6x6 tiles waste work on small maps (1280
-# channels at 8x8 ran 1.1x with F(4x4), 1.4x with F(2x2); 320 channels at 64x64 1.7x vs 1.0x).
+# F(4x4) on maps of >= 1024 pixels, F(2x2) below: F(4x4)'s 6x6 tiles waste work on small maps (1280 channels
+# at 8x8: 1.9x with F(4x4), 2.3x with F(2x2); 320 channels at 64x64: 1.9x vs 1.0x). At 16x16 F(4x4) is ~25 %
+# faster, but there the weights are 1280-channel ones, and F(4x4) would hold 4x instead of 16/9x of them.
 F4_MIN_PIXELS = 1024
 # The transformed tiles are (m+2)^2 / m^2 times a map (2.25x-4x): big batches of big maps run in slices of
 # the batch that keep them under this, so a 2048x2048 CFG batch does not hold gigabytes of tiles at once.
