@@ -60,9 +60,10 @@ def load(source: str, device: str | torch.device = "cpu", dtype: str | torch.dty
                          f"(torch {torch.__version__}); use device='cpu'")
     dtype = resolve_dtype(dtype, device)
     if winograd and (device.type != "cpu" or dtype != torch.float32):
-        raise ValueError(winograd_error(device, dtype))
+        raise ValueError(winograd_error(device, dtype))  # before reading gigabytes of weights
     pipe = Pipeline(load_components(source, device=device, dtype=dtype, tokenizer=tokenizer, ema=ema))
-    pipe.use_winograd(winograd)
+    if winograd:
+        pipe.use_winograd()
     return pipe
 
 

@@ -80,8 +80,10 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
     c_out = u.shape[2]
     th, tw = -(-h // m), -(-w // m)  # tiles down and across; the last ones may hang over the zero padding
 
-    padded = x.new_zeros(n, th * m + 2, tw * m + 2, c)
+    padded = x.new_empty(n, th * m + 2, tw * m + 2, c)
     padded[:, 1:h + 1, 1:w + 1] = x.permute(0, 2, 3, 1)
+    for border in (padded[:, :1], padded[:, h + 1:], padded[:, 1:h + 1, :1], padded[:, 1:h + 1, w + 1:]):
+        border.zero_()  # only the frame: zeroing all of it first would be one more pass over the map
     # Input transform B^T d B, rows then columns: v[k, l] is component (k, l) of every tile, [N, th, tw, C].
     rows = [padded[:, i:i + m * th:m] for i in range(a)]
     half = x.new_empty(n, th, tw * m + 2, c)
