@@ -61,12 +61,15 @@ def interleaved(calls: dict, repeat: int) -> dict[str, list[float]]:
 def unet_step(ours, theirs, size: int, repeat: int, peak: float, report: Report) -> None:
     """One U-Net step with CFG, both models called as their pipelines call them."""
     latent = size // 8
-    x = torch.randn(2, 4, latent, latent, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
     context = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(1))
     t = torch.tensor(500)
+    # diffusers' pipeline repeats the latents for the [uncond; cond] contexts; so does sdcore's, except in
+    # the Winograd mode, which passes them once (Pipeline.generate).
+    ours_x = x if ours.winograd else torch.cat([x, x])
     calls = {
-        "sdcore": lambda: ours.unet(x, t.expand(2), context),
-        "diffusers": lambda: theirs.unet(x, t, encoder_hidden_states=context).sample,
+        "sdcore": lambda: ours.unet(ours_x, t.expand(len(ours_x)), context),
+        "diffusers": lambda: theirs.unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample,
     }
     load_before = os.getloadavg()[0]
     with torch.inference_mode():

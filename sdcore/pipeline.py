@@ -108,7 +108,9 @@ class Pipeline:
 
         They hold ~65 % of a U-Net step at 256x256 and run near the CPU's matmul peak already; Winograd does
         them with 2.25-4x fewer multiplications (SD 1.5 U-Net step: 0.7x the time at 256x256, 0.85x at
-        512x512, where attention takes a larger share). Not bit-identical to the direct convolution (and so
+        512x512, where attention takes a larger share). In this mode CFG also passes its latents once for
+        the [uncond; cond] contexts, so the U-Net's start before the text enters (~6 % of the work at
+        512x512) runs once per image (UNetModel.forward). Not bit-identical to the direct convolution (and so
         to diffusers): the U-Net output moves by ~2e-5 of its scale, an image by at most a level here and
         there. Memory: the transformed weights, made on first use (+3-5 s on the first step), add 1.1x the
         U-Net's weights at 256x256 and 1.3x at 512x512 (3.9 / 4.4 GB for SD 1.5); use_winograd(False) frees
@@ -163,7 +165,11 @@ class Pipeline:
             total = len(plan.timesteps)
             for i, t in enumerate(tqdm(plan.timesteps, disable=not progress, desc="sdcore", unit="step")):
                 model_input = plan.scale_model_input(latents, i)
-                if guided:
+                if guided and not self.winograd:
+                    # As diffusers does. The Winograd mode, already a rounding away from it, passes the
+                    # latents once for their [uncond; cond] contexts and saves the U-Net's text-free start
+                    # (UNetModel.forward); here that would cost bit-identity: oneDNN's convolutions round
+                    # a batch of one differently from a batch of two.
                     model_input = torch.cat([model_input, model_input])
                 timesteps = t.to(self.device).expand(model_input.shape[0])
                 # The sampler's arithmetic stays in fp32; only the U-Net runs in the model's precision.

@@ -100,7 +100,9 @@ def test_a_worker_killed_3_times_mid_batch_loses_nothing_and_changes_no_byte(cha
                 kills.append((len(done), round(killed_at - start, 1)))
                 time.sleep(1.5)  # the survivor acknowledges its batch; the victim's stays unacknowledged
                 left = [jobs for jobs in unacked_batches(broker) if jobs in running]
-                assert len(left) == 1 and not left[0] <= counters.done_ids(), left
+                # Unacknowledged whether the kill landed mid-batch or (rarely) after its last image counted
+                # and before its ack: either way the batch comes back and must change no byte.
+                assert len(left) == 1, left
                 stranded.append((killed_at, left[0]))
                 victim.spawn()
         time.sleep(POLL_S * 5)

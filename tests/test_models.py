@@ -5,6 +5,8 @@ into sdcore by name through the original checkpoint layout. Tolerance: max abs e
 (diffusers differs from itself by ~1e-5 when its attention backend changes).
 """
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import (
@@ -104,6 +106,41 @@ def test_unet_takes_a_python_scalar_timestep(unet_pair):
     _, ours = unet_pair
     latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, tiny_unet().context_dim)
     assert torch.equal(ours(latents, 250, context), ours(latents, torch.tensor([250, 250]), context))
+
+
+@pytest.mark.parametrize("attention_levels", [(True, True, True, False), (False, False, False, False)],
+                         ids=["sd15", "attention-only-in-the-middle"])
+@torch.no_grad()
+def test_unet_pairs_each_latent_with_its_contexts(unet_pair, attention_levels):
+    """CFG passes its latents once for [uncond; cond] contexts: the same numbers as the latents repeated."""
+    reference, ours = unet_pair
+    if not attention_levels[0]:
+        cfg = dataclasses.replace(tiny_unet(), attention_levels=attention_levels)
+        reference = reference_unet(cfg, seed=3)
+        ours = sdcore_model("unet", reference, cfg)
+    g = torch.Generator().manual_seed(17)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(4, 77, tiny_unet().context_dim, generator=g)
+    t = torch.tensor([10, 900])
+    shared = ours(latents, t, context)
+    repeated = torch.cat([latents, latents])
+    if attention_levels[0]:
+        assert torch.equal(shared, ours(repeated, t.repeat(2), context))
+    else:
+        # The shared part reaches the middle block's 1x1 map, whose 2-row matmuls MKL rounds differently
+        # from 4-row ones; at SD 1.5's first transformer (>= 64 tokens) the rows are many and the same.
+        torch.testing.assert_close(shared, ours(repeated, t.repeat(2), context), rtol=0, atol=1e-5)
+    assert_close_to_reference(shared, reference(repeated, t.repeat(2), context).sample)
+
+
+@torch.no_grad()
+def test_unet_names_mismatched_rows(unet_pair):
+    _, ours = unet_pair
+    latents, context = torch.randn(2, 4, 8, 8), torch.randn(3, 77, tiny_unet().context_dim)
+    with pytest.raises(ValueError, match="2 latents, 2 timesteps, 3 contexts"):
+        ours(latents, 500, context)
+    with pytest.raises(ValueError, match="2 latents, 4 timesteps, 4 contexts"):
+        ours(latents, torch.tensor([1, 2, 3, 4]), torch.cat([context[:2]] * 2))
 
 
 @torch.no_grad()

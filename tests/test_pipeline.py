@@ -227,9 +227,11 @@ def test_threads_may_share_one_pipeline(tiny):
         assert np.array_equal(results[seed], generate_batch(tiny.ours, [PROMPT], [seed])[0])
 
 
-def unet_batch_sizes(pipe, **kwargs) -> list[int]:
+def unet_batch_sizes(pipe, **kwargs) -> list[tuple[int, int]]:
+    """(latent rows, context rows) of every U-Net call."""
     sizes = []
-    handle = pipe.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda module, args: sizes.append((args[0].shape[0], args[2].shape[0])))
     try:
         generate_batch(pipe, **kwargs)
     finally:
@@ -239,12 +241,12 @@ def unet_batch_sizes(pipe, **kwargs) -> list[int]:
 
 def test_guidance_runs_uncond_and_cond_rows_in_one_unet_batch(tiny):
     sizes = unet_batch_sizes(tiny.ours, prompts=["a", "b", "c"], seeds=[1, 2, 3], guidance_scale=7.5)
-    assert sizes == [6, 6, 6]
+    assert sizes == [(6, 6)] * 3
 
 
 def test_guidance_scale_at_most_one_skips_the_uncond_pass(tiny):
     sizes = unet_batch_sizes(tiny.ours, prompts=["a", "b", "c"], seeds=[1, 2, 3], guidance_scale=1.0)
-    assert sizes == [3, 3, 3]
+    assert sizes == [(3, 3)] * 3
     with_negative = generate_batch(tiny.ours, ["a"], [1], guidance_scale=1.0, negative_prompts=["ugly"])[0]
     without = generate_batch(tiny.ours, ["a"], [1], guidance_scale=1.0)[0]
     assert np.array_equal(with_negative, without)

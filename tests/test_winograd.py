@@ -170,6 +170,17 @@ def test_pipeline_images_stay_within_a_level_of_the_direct_path():
     assert "winograd" not in direct.settings("a red boat", 5)
 
 
+def test_in_winograd_mode_cfg_passes_the_latents_once():
+    pipe = sdcore.load("tiny-random", winograd=True)
+    rows = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda module, args: rows.append((len(args[0]), len(args[2]))))
+    pipe.generate(["a", "b"], [1, 2], steps=2, width=64, height=64, progress=False)
+    pipe.generate(["a", "b"], [1, 2], steps=1, width=64, height=64, guidance_scale=1.0, progress=False)
+    handle.remove()
+    assert rows == [(2, 4), (2, 4), (2, 2)]
+
+
 def test_winograd_refuses_half_precision_and_gpus():
     with pytest.raises(ValueError, match="winograd runs on the CPU in fp32 only"):
         sdcore.load("tiny-random", dtype="fp16", winograd=True)

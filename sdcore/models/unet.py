@@ -24,6 +24,11 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def repeat_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [B, ...] -> [rows, ...] as rows // B copies of the batch one after another (CFG's [x; x])."""
+    return x if x.shape[0] == rows else x.repeat(rows // x.shape[0], *(1,) * (x.dim() - 1))
+
+
 class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int):
         super().__init__()
@@ -38,7 +43,9 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        # emb has a row per context; latents not yet paired with their contexts (UNetModel.forward) are the
+        # first rows of [x; x; ...].
+        h = self.in_layers(x) + self.emb_layers(emb)[: x.shape[0], :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
 
@@ -91,6 +98,9 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.attn1(self.norm1(x)) + x
+        # The text enters here. Until now a latent shared by several contexts (CFG's uncond and cond rows)
+        # was computed once; from here on it is one row per context.
+        x = repeat_rows(x, context.shape[0])
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -114,7 +124,8 @@ class SpatialTransformer(nn.Module):
         tokens = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return self.proj_out(tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()) + x
+        out = self.proj_out(tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2).contiguous())
+        return out + repeat_rows(x, out.shape[0])
 
 
 class Downsample(nn.Module):
@@ -204,10 +215,22 @@ class UNetModel(nn.Module):
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor
     ) -> torch.Tensor:
-        """latents [B, 4, h, w], timesteps [B] or scalar, context [B, 77, context_dim] -> eps [B, 4, h, w]."""
+        """latents [B, 4, h, w], timesteps [B] or scalar, context [r*B, 77, context_dim] -> eps [r*B, ...].
+
+        With r > 1 each latent is paired with r contexts, in the order of torch.cat([x] * r), and what comes
+        before the first cross-attention (conv_in, the first ResBlock, the first self-attention: ~6 % of the
+        work at 512x512) runs once per latent: CFG's latents with their [uncond; cond] contexts. The result
+        is that of the latents repeated, up to rounding (oneDNN rounds other batch sizes differently).
+        """
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
+        if timesteps.shape != x.shape[:1] or context.shape[0] % x.shape[0]:
+            raise ValueError(f"the U-Net takes latents [B, ...], timesteps [B] and context [r*B, ...]; got "
+                             f"{x.shape[0]} latents, {timesteps.shape[0]} timesteps, "
+                             f"{context.shape[0]} contexts")
+        # A row per context, as for repeated latents: MKL rounds small matmuls differently at other sizes.
+        timesteps = repeat_rows(timesteps, context.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.block_channels[0]).to(x.dtype))
 
         skips = []
@@ -216,6 +239,6 @@ class UNetModel(nn.Module):
             skips.append(x)
         x = self.middle_block(x, emb, context)
         for block in self.output_blocks:
-            x = torch.cat([x, skips.pop()], dim=1)
+            x = torch.cat([x, repeat_rows(skips.pop(), x.shape[0])], dim=1)
             x = block(x, emb, context, skips[-1].shape[2:] if skips else None)
         return self.out(x)
