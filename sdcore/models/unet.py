@@ -73,7 +73,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return F.gelu(gate).mul_(value)  # = value * gelu(gate) bit for bit, into gelu's fresh buffer
 
 
 class FeedForward(nn.Module):
