@@ -107,10 +107,10 @@ class Pipeline:
         """Run the U-Net's large 3x3 convolutions as Winograd convolutions (sdcore.models.winograd), CPU fp32.
 
         They hold ~65 % of a U-Net step at 256x256 and run near the CPU's matmul peak already; Winograd does
-        them with 2.25-4x fewer multiplications (SD 1.5 U-Net step: 0.7x the time at 256x256, 0.85x at
-        512x512, where attention takes a larger share). In this mode CFG also passes its latents once for
-        the [uncond; cond] contexts, so the U-Net's start before the text enters (~6 % of the work at
-        512x512) runs once per image (UNetModel.forward). Not bit-identical to the direct convolution (and so
+        them with 2.25-4x fewer multiplications. In this mode CFG also passes its latents once for the
+        [uncond; cond] contexts, so the U-Net's start before the text enters (~6 % of the work at 512x512)
+        runs once per image (UNetModel.forward). SD 1.5 U-Net step on 2 cores: 0.65-0.73x diffusers' time at
+        256x256 and 512x512 (BENCHMARKS.md). Not bit-identical to the direct convolution (and so
         to diffusers): the U-Net output moves by ~2e-5 of its scale, an image by at most a level here and
         there. Memory: the transformed weights, made on first use (+3-5 s on the first step), add 1.1x the
         U-Net's weights at 256x256 and 1.3x at 512x512 (3.9 / 4.4 GB for SD 1.5); use_winograd(False) frees
