@@ -64,9 +64,7 @@ def unet_step(ours, theirs, size: int, repeat: int, peak: float, report: Report)
     x = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
     context = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(1))
     t = torch.tensor(500)
-    # diffusers' pipeline repeats the latents for the [uncond; cond] contexts; so does sdcore's, except in
-    # the Winograd mode, which passes them once (Pipeline.generate).
-    ours_x = x if ours.winograd else torch.cat([x, x])
+    ours_x = ours.cfg_latents(x)  # repeated as diffusers' are, or once in the Winograd mode
     calls = {
         "sdcore": lambda: ours.unet(ours_x, t.expand(len(ours_x)), context),
         "diffusers": lambda: theirs.unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample,

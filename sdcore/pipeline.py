@@ -110,16 +110,22 @@ class Pipeline:
         them with 2.25-4x fewer multiplications. In this mode CFG also passes its latents once for the
         [uncond; cond] contexts, so the U-Net's start before the text enters (~6 % of the work at 512x512)
         runs once per image (UNetModel.forward). SD 1.5 U-Net step on 2 cores: 0.65-0.73x diffusers' time at
-        256x256 and 512x512 (BENCHMARKS.md). Not bit-identical to the direct convolution (and so
-        to diffusers): the U-Net output moves by ~2e-5 of its scale, an image by at most a level here and
-        there. Memory: the transformed weights, made on first use (+3-5 s on the first step), add 1.1x the
-        U-Net's weights at 256x256 and 1.3x at 512x512 (3.9 / 4.4 GB for SD 1.5); use_winograd(False) frees
-        them.
+        256x256 and 512x512 (BENCHMARKS.md). Not bit-identical to the direct convolution (and so to
+        diffusers): the U-Net output moves by ~2e-5 of its scale, an image by at most a level here and there.
+        Memory: the transformed weights, made on first use (+3-5 s on the first step), add 1.1x the U-Net's
+        weights at 256x256 and 1.3x at 512x512 (3.9 / 4.4 GB for SD 1.5); use_winograd(False) frees them.
         """
         if enabled and (self.device.type != "cpu" or self.dtype != torch.float32):
             raise ValueError(winograd_error(self.device, self.dtype))
         use_winograd(self.unet, enabled)
         self.winograd = bool(enabled)
+
+    def cfg_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The U-Net's latents for CFG's [uncond; cond] contexts: repeated, as diffusers does, or in the
+        Winograd mode (already a rounding away from diffusers) once, which saves the U-Net's text-free start
+        (UNetModel.forward). The default keeps the repeat: oneDNN's convolutions round a batch of one
+        differently from a batch of two, and bit-identity with diffusers would be lost."""
+        return latents if self.winograd else torch.cat([latents, latents])
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, sampler: str = "ddpm",
                  guidance_scale: float = 7.5, negative_prompts: Sequence[str] | None = None,
@@ -165,12 +171,8 @@ class Pipeline:
             total = len(plan.timesteps)
             for i, t in enumerate(tqdm(plan.timesteps, disable=not progress, desc="sdcore", unit="step")):
                 model_input = plan.scale_model_input(latents, i)
-                if guided and not self.winograd:
-                    # As diffusers does. The Winograd mode, already a rounding away from it, passes the
-                    # latents once for their [uncond; cond] contexts and saves the U-Net's text-free start
-                    # (UNetModel.forward); here that would cost bit-identity: oneDNN's convolutions round
-                    # a batch of one differently from a batch of two.
-                    model_input = torch.cat([model_input, model_input])
+                if guided:
+                    model_input = self.cfg_latents(model_input)
                 timesteps = t.to(self.device).expand(model_input.shape[0])
                 # The sampler's arithmetic stays in fp32; only the U-Net runs in the model's precision.
                 eps = self.unet(model_input.to(self.dtype), timesteps, context).float()
