@@ -3,6 +3,7 @@ processes: faults of the store and the broker mid-run, batches past their time l
 everything, and credentials that never leak. test_chaos.py kills workers; test_jobs.py holds the bad-input
 tables; test_worker_celery.py the poison messages."""
 
+import contextlib
 import io
 import json
 import signal
@@ -16,12 +17,13 @@ from pathlib import Path
 import pytest
 import redis
 import torch
-from kombu import Connection, Producer
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.transport import redis as kombu_redis
 from PIL import Image
 
 from tests.fixtures_servers import sdbatch_env, wait_for
 from worker import cli, client, progress
-from worker.app import make_app
+from worker.app import RedisTransport, make_app
 from worker.config import load_config
 from worker.jobs import run_record, to_message
 from worker.storage import LocalStorage, S3Storage
@@ -225,6 +227,49 @@ def test_redis_restarted_mid_run_workers_reconnect_by_themselves_and_the_run_com
     assert worker.running and "Connection to broker lost" in worker.log_path.read_text()
     print(f"\nredis restart: at {done_at_restart}/{count} done, down {down_s:.1f} s, run finished "
           f"{time.monotonic() - start:.1f} s after the kill")
+
+
+@pytest.mark.integration
+def test_a_message_taken_as_redis_dies_goes_back_to_its_queue_when_redis_returns(redis_server, monkeypatch):
+    """BRPOP takes a message off its queue, then a second command records it as unacked. Redis dying between
+    the two left the message nowhere with stock kombu (a run of CI once never finished); the worker's
+    transport keeps it and pushes it back when it reconnects, at the end BRPOP reads next."""
+    queue = Queue("window", Exchange("window", type="direct"), routing_key="window")
+    broker = redis.Redis.from_url(redis_server.url())
+    with Connection(redis_server.url(), transport=RedisTransport) as connection:
+        for n in (1, 2):
+            Producer(connection).publish({"n": n}, exchange=queue.exchange, routing_key="window",
+                                         declare=[queue], headers={"id": f"task-{n}"})
+    record_unacked = kombu_redis.QoS.append
+
+    def redis_dies_first(qos, message, delivery_tag):
+        redis_server.stop(signal.SIGKILL)
+        return record_unacked(qos, message, delivery_tag)
+
+    received = []
+
+    def consume(connection):
+        Consumer(connection.channel(), queues=[queue],
+                 callbacks=[lambda body, message: (received.append(body), message.ack())]).consume()
+
+    monkeypatch.setattr(kombu_redis.QoS, "append", redis_dies_first)
+    connection = Connection(redis_server.url(), transport=RedisTransport)
+    consume(connection)
+    with pytest.raises(redis.ConnectionError):
+        connection.drain_events(timeout=5)
+    monkeypatch.setattr(kombu_redis.QoS, "append", record_unacked)
+    redis_server.start()
+    assert (received, broker.llen("window"), broker.hlen("unacked")) == ([], 1, 0)  # message 1 is nowhere
+
+    with Connection(redis_server.url(), transport=RedisTransport) as connection:  # the worker reconnects
+        consume(connection)
+        deadline = time.monotonic() + 10
+        while len(received) < 2 and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                connection.drain_events(timeout=1)
+
+    assert received == [{"n": 1}, {"n": 2}]
+    assert (broker.llen("window"), broker.hlen("unacked")) == (0, 0)
 
 
 @pytest.mark.integration

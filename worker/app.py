@@ -12,12 +12,15 @@ Delivery guarantees (issue 5) come from these settings, not from code:
 - a message that carries no time limits (from another client) gets limits.batch_time_limit as its hard limit;
   a batch that hits it is recorded as failed (worker.tasks.BatchTask), `sdbatch retry` takes it again;
 - `worker_prefetch_multiplier=1`: a worker holds one batch, so a killed worker strands at most that one;
-- the Redis transport drops (with a log line) a queue entry that is not a message at all (`RedisTransport`).
+- the Redis transport drops (with a log line) a queue entry that is not a message at all, and returns to its
+  queue a message that Redis lost track of by dying between handing it out and recording it as unacked
+  (`RedisTransport`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from urllib.parse import urlsplit
 
@@ -32,12 +35,55 @@ RESTORE_INTERVAL_S = 5
 VISIBILITY_MARGIN_S = 15
 
 
-class PoisonTolerantChannel(kombu_redis.Channel):
-    """kombu's Redis channel, except that a queue entry which is not a kombu message (not JSON, not an
-    envelope) is logged and dropped. Stock kombu lets the decode error escape its event loop and the worker
-    stops ("Unrecoverable error"). BRPOP has already removed the entry, so dropping it loses nothing usable.
-    Messages that are envelopes but carry a bad body or bad task arguments are Celery's and the task's to
-    reject (worker.tasks)."""
+# Messages this process took off a queue but could not record as unacked, as (payload, exchange, routing key).
+# Pool processes forked later do not consume, so they start without the parent's.
+_unregistered: list[tuple[dict, str, str]] = []
+os.register_at_fork(after_in_child=_unregistered.clear)
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, except that a message whose unacked entry cannot be written is kept, not dropped.
+
+    BRPOP takes the message off the queue; a separate command then records it in the unacked hash, from which
+    it would come back if this worker died. If Redis goes down between the two (a restart, a crash, a
+    failover), stock kombu raises and the message is in neither place: measured with a Redis SIGKILLed in
+    that window, and seen once as a run that never finished. Here it is kept in this process and pushed
+    back onto its queue by the next channel that reaches Redis (`RecoveringChannel.__init__`). Should the
+    entry have been written after all (the reply lost, not the command), the message also comes back from the
+    unacked hash: it runs twice, which a batch allows (same bytes, counted once)."""
+
+    def append(self, message, delivery_tag):
+        try:
+            super().append(message, delivery_tag)
+        except self.channel.connection_errors:
+            info = message.delivery_info
+            _unregistered.append((message._raw, info["exchange"], info["routing_key"]))
+            log.warning("broker lost while taking message %s; it goes back to its queue on reconnection",
+                        message.headers.get("id", delivery_tag))
+            raise
+
+
+class RecoveringChannel(kombu_redis.Channel):
+    """kombu's Redis channel with the QoS above, and two more duties:
+    - on creation (kombu has just PINGed Redis), it returns the messages QoS.append could not record;
+    - a queue entry which is not a kombu message (not JSON, not an envelope) is logged and dropped. Stock
+      kombu lets the decode error escape its event loop and the worker stops ("Unrecoverable error"). BRPOP
+      has already removed the entry, so dropping it loses nothing usable. Messages that are envelopes but
+      carry a bad body or bad task arguments are Celery's and the task's to reject (worker.tasks)."""
+
+    QoS = QoS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        while _unregistered:
+            payload, exchange, routing_key = _unregistered[0]
+            with self.conn_or_acquire() as client:
+                pipe = client.pipeline()
+                # rpush: the end BRPOP takes from, so it runs next, as it was about to
+                self._do_restore_message(payload, exchange, routing_key, pipe)
+                pipe.execute()
+            _unregistered.pop(0)
+            log.warning("returned message %s to its queue", payload.get("headers", {}).get("id", "?"))
 
     def _brpop_read(self, **options):
         try:
@@ -49,7 +95,7 @@ class PoisonTolerantChannel(kombu_redis.Channel):
 
 
 class RedisTransport(kombu_redis.Transport):
-    Channel = PoisonTolerantChannel
+    Channel = RecoveringChannel
 
 
 def celery_config(settings: Settings) -> dict:
