@@ -1,7 +1,7 @@
 """The Celery app. `celery -A worker.app worker|flower|inspect ...` builds it from the config file named by
 $SDBATCH_CONFIG (`sdbatch worker --config CFG` sets it); clients build their own with `make_app(settings)`.
 
-Delivery guarantees (issue 5) come from these settings, not from code:
+Delivery guarantees (issue 5) come from these settings and from the transport below:
 - json only, both ways (`accept_content`): no pickle on the wire, a pickled message is refused unread;
 - `task_acks_late` + `task_reject_on_worker_lost`: a message is acknowledged after its images are stored;
   if the pool process dies mid-batch the message goes straight back to the queue;

@@ -173,7 +173,7 @@ def cmd_worker(args, settings: Settings) -> int:
         # one visible GPU per process: the model and every CUDA context of that process land on it
         visible = "" if device == "cpu" else device
         # Without gossip and mingle: gossip has every worker consume every other worker's events (O(workers²)
-        # broker traffic with -E, and a traceback in the log at each broker reconnect in Celery 5.7); mingle
+        # broker traffic with -E, and a traceback in the log at some broker reconnects in Celery 5.7); mingle
         # syncs revoked task ids, which sdbatch never uses, at a cost of 1 s at every start and reconnect.
         # Flower, `inspect ping` and heartbeats do not depend on either.
         argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-n", f"{name}@%h",
