@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sdcore.checkpoint import Components
+from sdcore.checkpoints import Components
 from sdcore.config import CLIPConfig, UNetConfig, VAEConfig, tiny_clip, tiny_unet, tiny_vae
 from sdcore.pipeline import Pipeline
 from sdcore.tokenizer import CLIPTokenizer

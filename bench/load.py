@@ -97,7 +97,7 @@ def main() -> None:
     if free < 16e9:
         sys.exit(f"--dir {args.dir} has {free / 1e9:.1f} GB free; the files need about 16 GB")
     report = Report(args.out)
-    from sdcore.checkpoint import convert_checkpoint
+    from sdcore.checkpoints import convert_checkpoint
     from tests.reference import original_state_dict
 
     with tempfile.TemporaryDirectory(prefix="bench-load-", dir=args.dir) as tmp:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from sdcore import samplers
-from sdcore.checkpoint import convert_checkpoint
+from sdcore.checkpoints import convert_checkpoint
 from sdcore.pipeline import PRECISIONS, load
 from sdcore.png import png_bytes, read_settings
 

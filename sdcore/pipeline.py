@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdcore import samplers
-from sdcore.checkpoint import Components, load_components
+from sdcore.checkpoints import Components, load_components
 from sdcore.models.winograd import use_winograd
 
 VAE_SCALE = 0.18215  # SD 1.x latent scaling factor: latents = 0.18215 * VAE posterior

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sdcore.convert import ORIGINAL_PREFIXES
+from sdcore.checkpoints.layout import ORIGINAL_PREFIXES
 from sdcore.tokenizer import CLIPTokenizer
 from tests.reference import original_layout, reference_text_encoder, reference_unet, reference_vae
 

@@ -13,8 +13,8 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig
 from transformers import CLIPTextModel as TransformersCLIPTextModel
 
+from sdcore.checkpoints.layout import ORIGINAL_PREFIXES, diffusers_to_original
 from sdcore.config import CLIPConfig, UNetConfig, VAEConfig
-from sdcore.convert import ORIGINAL_PREFIXES, diffusers_to_original
 from sdcore.models import AutoencoderKL, CLIPTextModel, UNetModel, scaled_init_
 
 SCHEDULE_BUFFERS = (

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sdcore.checkpoint import convert_checkpoint, load_components
+from sdcore.checkpoints import convert_checkpoint, load_components
 from sdcore.config import CLIPConfig, UNetConfig, VAEConfig, tiny_clip, tiny_unet, tiny_vae
 from sdcore.errors import CheckpointError
 from sdcore.models import CLIPTextModel, scaled_init_
@@ -347,7 +347,7 @@ def test_sdxl_diffusers_folder_is_named(tmp_path):
 
 
 DIGEST_OF_TINY_RANDOM = """
-import hashlib, sdcore.checkpoint as c
+import hashlib, sdcore.checkpoints as c
 parts = c.load_components("tiny-random")
 digest = hashlib.sha256()
 for model in (parts.text_encoder, parts.unet, parts.vae):
@@ -456,7 +456,7 @@ def test_convert_refuses_a_bad_source(tmp_path):
 PEAK_RSS_OF_LOADING = """
 import sys
 import time
-from sdcore.checkpoint import load_components
+from sdcore.checkpoints import load_components
 from sdcore.tokenizer import CLIPTokenizer
 
 def status_bytes(field):  # VmHWM is this process's own peak; ru_maxrss would carry the parent's over fork

@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import sdcore
+from sdcore.checkpoints.layout import ORIGINAL_PREFIXES
 from sdcore.cli import main
-from sdcore.convert import ORIGINAL_PREFIXES
 from sdcore.png import png_bytes, read_settings
 
 FAST = ["--steps", "3", "--width", "64", "--height", "64", "--no-progress"]

@@ -1,4 +1,5 @@
-"""The layout rules of sdcore.convert agree with diffusers' own single-file converters and invert exactly."""
+"""The layout rules of sdcore.checkpoints.layout agree with diffusers' own single-file converters and
+invert exactly."""
 
 import pytest
 import torch
@@ -8,8 +9,8 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
 )
 
+from sdcore.checkpoints.layout import ORIGINAL_PREFIXES, diffusers_to_original, original_to_diffusers
 from sdcore.config import UNetConfig, VAEConfig, tiny_clip, tiny_unet, tiny_vae
-from sdcore.convert import ORIGINAL_PREFIXES, diffusers_to_original, original_to_diffusers
 from tests.reference import (
     diffusers_config_for,
     original_layout,

@@ -15,8 +15,8 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
 )
 
+from sdcore.checkpoints.layout import ORIGINAL_PREFIXES
 from sdcore.config import CLIPConfig, UNetConfig, VAEConfig, tiny_clip, tiny_unet, tiny_vae
-from sdcore.convert import ORIGINAL_PREFIXES
 from sdcore.models import AutoencoderKL, CLIPTextModel, UNetModel, scaled_init_
 from tests.reference import (
     diffusers_config_for,

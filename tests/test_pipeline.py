@@ -26,7 +26,7 @@ from PIL import Image
 
 import sdcore
 from sdcore import Pipeline
-from sdcore.checkpoint import Components
+from sdcore.checkpoints import Components
 from sdcore.config import CLIPConfig, UNetConfig, VAEConfig, tiny_clip, tiny_unet, tiny_vae
 from sdcore.pipeline import VAE_SCALE, from_pil, resolve_dtype, to_pil
 from sdcore.png import REQUIRED_KEYS, png_bytes, read_settings

@@ -1,39 +1,29 @@
-"""Load Stable Diffusion 1.x weights into sdcore's modules, and convert checkpoints between layouts.
+"""Read and identify Stable Diffusion 1.x checkpoints, before anything is built from them.
 
 Every source (an original .ckpt / .safetensors file, a diffusers folder) is first read as one flat state
-dict in the original layout whose tensors are memory-mapped views of the file. Each module is then built on
-the meta device and takes those tensors by assignment, cast one tensor at a time, so the weights are never
-resident twice while loading.
+dict in the original layout whose tensors are memory-mapped views of the file. `select_weights` then splits
+it per component and refuses, with every problem named, what sdcore could not load: another model family,
+missing or unexpected keys, shape mismatches.
 """
 
-import ctypes
 import functools
-import hashlib
 import json
-import mmap
-import os
 import pickle
 import re
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from torch import nn
 
-from . import convert
-from .config import CLIPConfig, UNetConfig, VAEConfig, tiny_clip, tiny_unet, tiny_vae
-from .errors import CheckpointError
-from .models import scaled_init_
-from .models.clip import CLIPTextModel
-from .models.unet import UNetModel
-from .models.vae import AutoencoderKL
-from .tokenizer import CLIPTokenizer
+from ..config import CLIPConfig, UNetConfig, VAEConfig, tiny_clip, tiny_unet, tiny_vae
+from ..errors import CheckpointError
+from ..models.clip import CLIPTextModel
+from ..models.unet import UNetModel
+from ..models.vae import AutoencoderKL
+from .layout import ORIGINAL_PREFIXES, diffusers_to_original
 
 COMPONENTS = ("text_encoder", "vae", "unet")  # the order errors and loads go in
-PREFIXES = convert.ORIGINAL_PREFIXES
+PREFIXES = ORIGINAL_PREFIXES
 TITLES = {"text_encoder": "text encoder", "vae": "VAE", "unet": "U-Net"}
 # Module class and the configs sdcore knows for each component, SD 1.5 first: a file's shapes pick one
 # (checkpoints do not record the head count, so dimensions cannot be fully read off the weights).
@@ -42,8 +32,9 @@ MODELS = {
     "vae": (AutoencoderKL, (VAEConfig(), tiny_vae())),
     "unet": (UNetModel, (UNetConfig(), tiny_unet())),
 }
+# The one source that is not a file: `load_components` builds it instead of reading it; named here so that
+# a missing path's error can offer it.
 TINY_RANDOM = "tiny-random"
-TINY_RANDOM_SEEDS = {"text_encoder": 1, "vae": 2, "unet": 3}
 
 # Tensors in original checkpoints that are not weights: the training noise schedule (recomputed in fp32 by
 # the samplers), the EMA bookkeeping, and CLIP's position_ids (computed by the module; dtypes vary by file).
@@ -71,141 +62,6 @@ DIFFUSERS_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_MAGIC = b"\x80"  # protocol 2+ pickle: torch.save before the zip format (PyTorch < 1.6)
-
-
-@dataclass
-class Components:
-    """The loaded models of one checkpoint, with what the PNG metadata says about them."""
-
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    unet: UNetModel
-    vae: AutoencoderKL
-    name: str
-    weight_files: tuple[Path, ...]  # what `sha256` hashes, in order; empty for tiny-random
-    is_random: bool
-
-    @property
-    def sha256(self) -> str | None:
-        """sha256 of the checkpoint file (for a folder: of its weight files in sorted order); None if random.
-
-        Hashing a 4 GB file takes seconds, so it runs on first use and is cached by path, size and mtime.
-        The A1111 short "Model hash" is its first 10 hex digits.
-        """
-        if not self.weight_files:
-            return None
-        return _sha256(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in self.weight_files))
-
-
-def load_components(source, device="cpu", dtype=torch.float32, tokenizer=None, ema="auto") -> Components:
-    """Tokenizer, text encoder, U-Net and VAE from a checkpoint file, a diffusers folder or "tiny-random".
-
-    ema: "auto" takes the U-Net's EMA weights when the file holds an EMA copy, True requires them, False
-    takes the non-EMA weights. Weights are cast to `dtype` (fp16 files are upcast for fp32) on `device`.
-    """
-    if ema not in ("auto", True, False):
-        raise ValueError(f"ema={ema!r} is not accepted; use 'auto', True or False")
-    if str(source) == TINY_RANDOM:
-        return _tiny_random(device, dtype, tokenizer)
-    path = Path(source)
-    weights, weight_files, mapped = read_original_layout(path)
-    parts = select_weights(path, weights, ema)
-    del weights
-    models = {c: _build(c, cfg, tensors, device, dtype, mapped) for c, (cfg, tensors) in parts.items()}
-    return Components(
-        tokenizer=_tokenizer(path, tokenizer),
-        text_encoder=models["text_encoder"],
-        unet=models["unet"],
-        vae=models["vae"],
-        name=path.stem if path.is_file() else path.name,
-        weight_files=weight_files,
-        is_random=False,
-    )
-
-
-def convert_checkpoint(src, dst, half=False, layout="original", ema="auto") -> Path:
-    """Write the weights of `src` once in a form that later loads as a fast memory map.
-
-    layout "original": one flat .safetensors with the original full key names, weights only (the EMA
-    U-Net, when chosen, under the plain `model.diffusion_model.*` names, like the EMA-only release).
-    layout "diffusers": a folder with unet/, vae/, text_encoder/ safetensors files in diffusers' key names.
-    half: store fp16. The source is checked exactly as `load_components` checks it.
-    """
-    if layout not in ("original", "diffusers"):
-        raise ValueError(f"layout={layout!r} is not accepted; use 'original' or 'diffusers'")
-    src, dst = Path(src), Path(dst)
-    weights, _, _ = read_original_layout(src)
-    parts = select_weights(src, weights, ema)
-
-    def stored(t):
-        return (t.half() if half and t.is_floating_point() else t).contiguous()
-
-    if layout == "original":
-        flat = {PREFIXES[c] + k: stored(t) for c, (_, tensors) in parts.items() for k, t in tensors.items()}
-        _save_atomically(flat, dst)
-        return dst
-    for component, (cfg, tensors) in parts.items():
-        diffusers = convert.original_to_diffusers(component, tensors)
-        stem = "model" if component == "text_encoder" else "diffusion_pytorch_model"
-        folder = dst / component
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(diffusers_config(component, cfg), indent=2) + "\n")
-        _save_atomically({k: stored(t) for k, t in diffusers.items()}, folder / f"{stem}.safetensors")
-    return dst
-
-
-def diffusers_config(component: str, cfg) -> dict:
-    """The config.json with which diffusers / transformers rebuild a component of the given dimensions;
-    the fields left out have the defaults that SD 1.5 uses."""
-    if component == "unet":
-        return {
-            "_class_name": "UNet2DConditionModel",
-            "in_channels": cfg.in_channels,
-            "out_channels": cfg.out_channels,
-            "down_block_types": [
-                "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels
-            ],
-            "up_block_types": [
-                "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in cfg.attention_levels[::-1]
-            ],
-            "block_out_channels": list(cfg.block_channels),
-            "layers_per_block": cfg.layers_per_block,
-            "attention_head_dim": cfg.heads,  # diffusers' legacy name: for SD 1.x it is the head count
-            "cross_attention_dim": cfg.context_dim,
-            "norm_num_groups": cfg.norm_groups,
-            "sample_size": 64,
-        }
-    if component == "vae":
-        levels = len(cfg.block_channels)
-        return {
-            "_class_name": "AutoencoderKL",
-            "in_channels": cfg.in_channels,
-            "out_channels": cfg.out_channels,
-            "down_block_types": ["DownEncoderBlock2D"] * levels,
-            "up_block_types": ["UpDecoderBlock2D"] * levels,
-            "block_out_channels": list(cfg.block_channels),
-            "layers_per_block": cfg.layers_per_block,
-            "latent_channels": cfg.latent_channels,
-            "norm_num_groups": cfg.norm_groups,
-            "scaling_factor": cfg.scaling_factor,
-            "sample_size": 512,
-        }
-    return {
-        "architectures": ["CLIPTextModel"],
-        "model_type": "clip_text_model",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.width,
-        "intermediate_size": cfg.mlp_width,
-        "num_hidden_layers": cfg.layers,
-        "num_attention_heads": cfg.heads,
-        "max_position_embeddings": cfg.max_positions,
-        "hidden_act": "quick_gelu",
-        "layer_norm_eps": cfg.layer_norm_eps,
-        "projection_dim": 768,
-        "pad_token_id": 1,  # SD 1.5's text_encoder/config.json
-        "bos_token_id": 0,
-        "eos_token_id": 2,
-    }
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -279,7 +135,7 @@ def _read_diffusers_folder(folder: Path) -> tuple[dict[str, torch.Tensor], tuple
     for component in COMPONENTS:
         file = _diffusers_weight_file(folder / component)
         tensors, mapped = read_file(file)
-        original = convert.diffusers_to_original(component, tensors)
+        original = diffusers_to_original(component, tensors)
         flat.update((PREFIXES[component] + k, t) for k, t in original.items())
         files.append(file)
         all_mapped &= mapped
@@ -315,14 +171,6 @@ def _reject_other_diffusers_models(folder: Path) -> None:
             f"looks like an {kind} diffusers folder (unet cross_attention_dim "
             f"{context}; SD 1.x has 768); sdcore loads Stable Diffusion 1.x only",
         )
-
-
-def _tokenizer(path: Path, tokenizer) -> CLIPTokenizer:
-    if tokenizer is not None:
-        return CLIPTokenizer.from_folder(tokenizer)
-    if path.is_dir() and (path / "tokenizer").is_dir():
-        return CLIPTokenizer.from_folder(path / "tokenizer")
-    return CLIPTokenizer.bundled()
 
 
 # ------------------------------------------------------------------------------------ choosing weights
@@ -464,79 +312,3 @@ def _key_problems(component: str, expected: dict, found: dict, from_ema: bool) -
 
 def _first(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
-
-
-# ------------------------------------------------------------------------------------ building modules
-
-
-def _build(component: str, cfg, tensors: dict, device, dtype, mapped: bool) -> nn.Module:
-    """Build on the meta device, then assign the file's tensors: memory is spent once, per tensor."""
-    module_class, _ = MODELS[component]
-    with torch.device("meta"):
-        module = module_class(cfg)
-    state = {}
-    for key in list(tensors):
-        source = tensors.pop(key)
-        state[key] = source.to(device=device, dtype=dtype)
-        if mapped and state[key].data_ptr() != source.data_ptr():
-            _drop_mapped_pages(source)
-    module.load_state_dict(state, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
-
-
-def _tiny_random(device, dtype, tokenizer) -> Components:
-    models = {}
-    for component in COMPONENTS:
-        module_class, (_, tiny) = MODELS[component]
-        module = module_class(tiny)
-        scaled_init_(module, seed=TINY_RANDOM_SEEDS[component])
-        models[component] = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return Components(
-        tokenizer=CLIPTokenizer.from_folder(tokenizer) if tokenizer is not None else CLIPTokenizer.bundled(),
-        text_encoder=models["text_encoder"],
-        unet=models["unet"],
-        vae=models["vae"],
-        name=TINY_RANDOM,
-        weight_files=(),
-        is_random=True,
-    )
-
-
-_MADV_DONTNEED = 4
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-
-def _drop_mapped_pages(tensor: torch.Tensor) -> None:
-    """Pages of a memory-mapped file stay in our resident set after we copied (cast) a tensor out of them;
-    tell the kernel we are done so a fp16 file upcast to fp32 does not hold both copies. The mapping is
-    private and unmodified, so the pages would simply be read from the file again if touched."""
-    if _libc is None:
-        return
-    storage = tensor.untyped_storage()
-    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-    first_page = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # only pages wholly inside this tensor
-    last_page = end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last_page > first_page:
-        _libc.madvise(ctypes.c_void_p(first_page), ctypes.c_size_t(last_page - first_page), _MADV_DONTNEED)
-
-
-# ------------------------------------------------------------------------------------ writing, hashing
-
-
-def _save_atomically(tensors: dict[str, torch.Tensor], dst: Path) -> None:
-    """Write beside `dst`, then rename: readers (and the source, if dst == src) never see half a file."""
-    tmp = dst.with_name(dst.name + ".partial")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, dst)
-
-
-@functools.lru_cache(maxsize=32)
-def _sha256(files: tuple[tuple[str, int, int], ...]) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(8 << 20)
-    view = memoryview(buffer)
-    for path, _, _ in files:
-        with open(path, "rb") as f:
-            while n := f.readinto(buffer):
-                digest.update(view[:n])
-    return digest.hexdigest()
