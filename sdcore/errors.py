@@ -1,4 +1,4 @@
-"""Errors that sdcore raises for bad input, so callers can tell a bad file from a bug."""
+"""Errors that sdcore raises for bad input, so callers can tell a bad file or setting from a bug."""
 
 
 class CheckpointError(ValueError):
@@ -8,3 +8,15 @@ class CheckpointError(ValueError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class InvalidField(ValueError):
+    """A setting that is refused: `field: problem; accepted: what would be`."""
+
+    def __init__(self, field: str, problem: str, accepted: str):
+        self.field, self.problem, self.accepted = field, problem, accepted
+        super().__init__(f"{field}: {problem}; accepted: {accepted}")
+
+    def under(self, prefix: str) -> "InvalidField":
+        """The same error with its field placed under `prefix` (e.g. "sampling" in a config file)."""
+        return InvalidField(f"{prefix}.{self.field}", self.problem, self.accepted)
