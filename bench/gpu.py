@@ -42,7 +42,7 @@ def correctness_checks(report: Report, device) -> None:
     """What CPU tests cannot show: precision on the device, batch invariance there, the fp16 decode guard."""
     prompts, seeds = ["a lighthouse at dusk", "a red car", "a forest", "a cat"], [1, 2, 3, 4]
     kw = dict(steps=8, sampler="dpmpp_2m", width=64, height=64, progress=False)
-    reference = sdcore.load("tiny-random").generate(prompts, seeds, **kw)
+    reference = sdcore.load("tiny-random", device="cpu").generate(prompts, seeds, **kw)
     for precision in ("fp32", "fp16", "bf16"):
         pipe = sdcore.load("tiny-random", device=device, dtype=precision)
         got = pipe.generate(prompts, seeds, **kw)

@@ -15,28 +15,29 @@ import secrets
 import sys
 from pathlib import Path
 
-import torch
 from PIL import Image
 
-from sdcore import samplers
-from sdcore.checkpoints import convert_checkpoint
-from sdcore.pipeline import PRECISIONS, load
+from sdcore.params import (
+    IMG2IMG_STRENGTH,
+    MAX_SIZE,
+    MAX_STEPS,
+    MIN_SIZE,
+    PRECISIONS,
+    SAMPLERS,
+    Generation,
+    Request,
+)
 from sdcore.png import png_bytes, read_settings
 
-# generate's settings: CLI flag -> (settings key, default when neither the flag nor --from-png gives one)
-GENERATION_DEFAULTS = {
-    "negative": ("negative_prompt", ""),
-    "steps": ("steps", 50),
-    "sampler": ("sampler", "ddpm"),
-    "cfg": ("guidance_scale", 7.5),
-    "eta": ("eta", 0.0),
-    "width": ("width", 512),
-    "height": ("height", 512),
-    "strength": ("strength", 0.8),
-}
+# generate's flags for the request's fields: flag -> field of sdcore.params.Request / Generation
+REQUEST_FLAGS = {"negative": "negative_prompt", "seed": "seed", "steps": "steps", "sampler": "sampler",
+                 "cfg": "guidance_scale", "eta": "eta", "width": "width", "height": "height",
+                 "strength": "strength"}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    default = Generation()
+    size = f"multiple of 8 in {MIN_SIZE}..{MAX_SIZE}"
     parser = argparse.ArgumentParser(prog="sdcore", description="Stable Diffusion 1.5 from scratch.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -50,17 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", type=Path, required=True, metavar="FILE.png")
     generate.add_argument("--negative", help='negative prompt (default "")')
     generate.add_argument("--seed", type=int, help="0..2**64-1 (default: random, printed and recorded)")
-    generate.add_argument("--steps", type=int, help="sampler steps, 1..999 (default 50)")
-    generate.add_argument("--sampler", choices=samplers.NAMES, help="default ddpm")
-    generate.add_argument("--cfg", type=float, help="guidance scale; <= 1 disables guidance (default 7.5)")
-    generate.add_argument("--eta", type=float, help="DDIM eta (default 0)")
-    generate.add_argument("--width", type=int, help="multiple of 8 in 64..2048 (default 512)")
-    generate.add_argument("--height", type=int, help="multiple of 8 in 64..2048 (default 512)")
-    generate.add_argument("--precision", choices=list(PRECISIONS),
+    generate.add_argument("--steps", type=int,
+                          help=f"sampler steps, 1..{MAX_STEPS} (default {default.steps})")
+    generate.add_argument("--sampler", choices=list(SAMPLERS), help=f"default {default.sampler}")
+    generate.add_argument("--cfg", type=float, help="guidance scale; <= 1 disables guidance "
+                                                    f"(default {default.guidance_scale:g})")
+    generate.add_argument("--eta", type=float, help=f"DDIM eta (default {default.eta:g})")
+    generate.add_argument("--width", type=int, help=f"{size} (default {default.width})")
+    generate.add_argument("--height", type=int, help=f"{size} (default {default.height})")
+    generate.add_argument("--precision", choices=PRECISIONS,
                           help="default: fp16 on CUDA, fp32 on CPU; with --from-png, the PNG's precision")
-    generate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    generate.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto: cuda when available)")
     generate.add_argument("--init-image", type=Path, metavar="FILE", help="img2img: start from this image")
-    generate.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.8)")
+    generate.add_argument("--strength", type=float,
+                          help=f"img2img strength in (0, 1] (default {IMG2IMG_STRENGTH:g})")
     generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     generate.add_argument("--winograd", action="store_true",
                           help="CPU fp32: run the U-Net's 3x3 convolutions as Winograd (faster, more memory)")
@@ -78,23 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generate(args: argparse.Namespace) -> str:
+    from sdcore.pipeline import load  # torch: not needed for --help or a bad setting
+
     recorded = read_settings(args.from_png) if args.from_png else {}
-    prompt = args.prompt if args.prompt is not None else recorded.get("prompt")
-    if prompt is None:
-        raise ValueError("generate needs a PROMPT argument or --from-png FILE")
-    settings = {key: recorded.get(key, default) for key, default in GENERATION_DEFAULTS.values()}
-    for flag, (key, _) in GENERATION_DEFAULTS.items():
-        if getattr(args, flag) is not None:
-            settings[key] = getattr(args, flag)
-    seed = args.seed if args.seed is not None else recorded.get("seed", secrets.randbelow(2**32))
     img2img = args.init_image is not None
     if recorded.get("strength") is not None and not img2img:
         raise ValueError(f"{args.from_png} is an img2img image (strength {recorded['strength']}); "
                          "pass --init-image with the image it started from")
     if args.strength is not None and not img2img:
         raise ValueError("--strength applies to img2img only; pass --init-image too")
+    values = dict(recorded)
+    values["prompt"] = args.prompt if args.prompt is not None else recorded.get("prompt")
+    if values["prompt"] is None:
+        raise ValueError("generate needs a PROMPT argument or --from-png FILE")
+    for flag, name in REQUEST_FLAGS.items():
+        if getattr(args, flag) is not None:
+            values[name] = getattr(args, flag)
+    values.setdefault("seed", secrets.randbelow(2**32))
+    if img2img:
+        values.setdefault("strength", IMG2IMG_STRENGTH)
+    request = Request.from_dict(values)  # every setting checked before the model loads
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = args.checkpoint or ("tiny-random" if recorded.get("random_model") else None)
     if checkpoint is None:
         if recorded:
@@ -102,30 +110,22 @@ def run_generate(args: argparse.Namespace) -> str:
                              f"(hash {recorded.get('model_hash')}); pass --checkpoint with that model's file")
         raise ValueError("--checkpoint is required: a .ckpt / .safetensors file, a diffusers folder, "
                          "or tiny-random")
-    # A recorded winograd image is remade with winograd where it can run (CPU fp32), for the same bytes.
-    winograd = args.winograd or (bool(recorded.get("winograd")) and torch.device(device).type == "cpu"
+    # A recorded winograd image is remade with winograd where it can run (CPU fp32), for the same bytes;
+    # sdcore.load leaves it off on a GPU that device "auto" finds.
+    winograd = args.winograd or (bool(recorded.get("winograd")) and args.device in (None, "auto", "cpu")
                                  and (args.precision or "fp32") == "fp32")
-    pipe = load(checkpoint, device=device, dtype=args.precision or recorded.get("precision"),
+    pipe = load(checkpoint, device=args.device or "auto", dtype=args.precision or recorded.get("precision"),
                 winograd=winograd)
     if recorded.get("model_hash") and pipe.model_hash and recorded["model_hash"] != pipe.model_hash:
         print(f"sdcore: warning: {args.from_png} was made with model hash {recorded['model_hash']}, "
               f"{checkpoint} has {pipe.model_hash}; the image will differ", file=sys.stderr)
 
     init_images = [open_image(args.init_image)] if img2img else None
-    image = pipe.generate(
-        [prompt], [seed], steps=settings["steps"], sampler=settings["sampler"],
-        guidance_scale=settings["guidance_scale"], negative_prompts=[settings["negative_prompt"]],
-        width=settings["width"], height=settings["height"], init_images=init_images,
-        strength=settings["strength"], eta=settings["eta"], progress=not args.no_progress)[0]
-    metadata = pipe.settings(
-        prompt, seed, steps=settings["steps"], sampler=settings["sampler"],
-        guidance_scale=settings["guidance_scale"], negative_prompt=settings["negative_prompt"],
-        width=settings["width"], height=settings["height"], eta=settings["eta"],
-        strength=settings["strength"] if img2img else None)
+    result = pipe.run([request], init_images, progress=not args.no_progress)[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(png_bytes(image, metadata))
+    args.out.write_bytes(png_bytes(result.image, pipe.metadata(request)))
     label = " (random weights)" if pipe.is_random else ""
-    return f"wrote {args.out} (seed {seed}, model {pipe.name}{label})"
+    return f"wrote {args.out} (seed {request.seed}, model {pipe.name}{label})"
 
 
 def open_image(path: Path) -> Image.Image:
@@ -138,6 +138,8 @@ def open_image(path: Path) -> Image.Image:
 
 
 def run_convert(args: argparse.Namespace) -> str:
+    from sdcore.checkpoints import convert_checkpoint
+
     convert_checkpoint(args.source, args.destination, half=args.half, layout=args.layout)
     return f"wrote {args.destination} ({args.layout} layout{', fp16' if args.half else ''})"
 

@@ -1,65 +1,78 @@
 """Stable Diffusion 1.5 generation: text-to-image and image-to-image.
 
-One `generate` call runs N prompts as one batch through the U-Net (2N rows with classifier-free guidance),
-yet every image is a function of its own prompt, seed and settings only: each image owns a CPU
-`torch.Generator` seeded with its seed, and every random draw for that image (initial noise, VAE posterior
-sample, sampler noise) comes from it, in the order diffusers' StableDiffusionPipeline and
-StableDiffusionImg2ImgPipeline draw it. The same weights and seed give the same pixels as diffusers.
+One batch runs N requests through the U-Net together (2N rows with classifier-free guidance), yet every image
+is a function of its own request (sdcore.params.Request: prompt, seed and settings) only: each image owns a
+CPU `torch.Generator` seeded with its seed, and every random draw for that image (initial noise, VAE
+posterior sample, sampler noise) comes from it (sdcore.noise), in the order diffusers'
+StableDiffusionPipeline and StableDiffusionImg2ImgPipeline draw it. The same weights and seed give the same
+pixels as diffusers.
 
     text  -> tokenizer -> text_encoder ------------------------------------------.
     seed  -> randn (1,4,H/8,W/8) * init_noise_sigma  (or: VAE posterior sample     |  [uncond, cond]
              of the init image * 0.18215, noised to the first timestep)         v
-          -> for each timestep: U-Net(scale_model_input(x), t, context) -> eps = u + g (c - u)
-                                sampler step (noise from the image's generator)
+          -> sampler: for each timestep, U-Net(x, t, context) -> eps = u + g (c - u), step (noise from the
+             image's generator)
           -> VAE decode(x / 0.18215) -> round(clamp(x/2 + 0.5, 0, 1) * 255) -> PIL
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from sdcore import samplers
 from sdcore.checkpoints import Components, load_components
+from sdcore.errors import InvalidField
 from sdcore.models.winograd import use_winograd
+from sdcore.noise import randn
+from sdcore.params import GENERATION_FIELDS, IMG2IMG_STRENGTH, PRECISIONS, Generation, Request
 
-VAE_SCALE = 0.18215  # SD 1.x latent scaling factor: latents = 0.18215 * VAE posterior
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes any 64-bit unsigned value
-MIN_SIZE, MAX_SIZE = 64, 2048  # the U-Net downsamples the 1/8 latent 3 times; 2048 bounds memory, not math
+DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.float16, torch.bfloat16), strict=True))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" -> the first CUDA GPU when torch sees one, else the CPU; a named CUDA device must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available: torch sees no CUDA GPU "
+                         f"(torch {torch.__version__}); use device='cpu' or 'auto'")
+    return device
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """None -> fp16 on CUDA, fp32 elsewhere (CPU bf16/fp16 are emulated or slow); names or torch dtypes."""
     if dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in PRECISIONS.values():
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype in PRECISIONS:
-        return PRECISIONS[dtype]
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
     raise ValueError(f"dtype {dtype!r} is not supported; use one of {list(PRECISIONS)}, "
                      "torch.float32/float16/bfloat16, or None (fp16 on CUDA, fp32 elsewhere)")
 
 
-def load(source: str, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+def load(source: str, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
          tokenizer=None, ema: str | bool = "auto", winograd: bool = False) -> Pipeline:
     """Load a checkpoint (.ckpt / .safetensors / diffusers folder / "tiny-random") as a ready Pipeline.
 
-    winograd=True turns on the CPU fp32 fast path for the U-Net's convolutions (Pipeline.use_winograd)."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} is not available: torch sees no CUDA GPU "
-                         f"(torch {torch.__version__}); use device='cpu'")
+    device "auto" takes CUDA when there is a GPU; dtype None is fp16 on CUDA and fp32 on the CPU, decided
+    after "auto" is resolved. winograd=True turns on the CPU fp32 fast path for the U-Net's convolutions
+    (Pipeline.use_winograd), CPU fp32 only; on a GPU that device "auto" finds it stays off, so one setting
+    serves CPU and GPU hosts alike."""
+    auto = device == "auto"
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    if winograd and (device.type != "cpu" or dtype != torch.float32):
+    if winograd and auto and device.type == "cuda":
+        winograd = False  # a GPU host that "auto" found: cuDNN picks its own convolution algorithms
+    if winograd and not (device.type == "cpu" and dtype == torch.float32):
         raise ValueError(winograd_error(device, dtype))  # before reading gigabytes of weights
     pipe = Pipeline(load_components(source, device=device, dtype=dtype, tokenizer=tokenizer, ema=ema))
     if winograd:
@@ -73,8 +86,17 @@ def winograd_error(device: torch.device, dtype: torch.dtype) -> str:
             "precision")
 
 
+@dataclass(frozen=True)
+class Result:
+    request: Request
+    image: Image.Image
+    # False when the image's latents held NaN or inf after the last step (the image is then black): an fp16
+    # overflow in the U-Net, most likely. The VAE's own fp16 overflow is redone in fp32 and never shows here.
+    finite: bool
+
+
 class Pipeline:
-    """The loaded model plus `generate`. Holds no per-call state, so threads may share one instance."""
+    """The loaded model plus `generate`/`run`. Holds no per-call state, so threads may share one instance."""
 
     def __init__(self, parts: Components):
         self.parts = parts
@@ -83,7 +105,8 @@ class Pipeline:
         self.name, self.is_random = parts.name, parts.is_random
         weight = next(self.unet.parameters())
         self.device, self.dtype = weight.device, weight.dtype
-        self.precision = next(name for name, dtype in PRECISIONS.items() if dtype == self.dtype)
+        self.precision = next(name for name, dtype in DTYPES.items() if dtype == self.dtype)
+        self.latent_scale = self.vae.cfg.scaling_factor
         self.winograd = False
         self._empty_prompt_embedding = None
         self._fp32_vae = None
@@ -109,11 +132,10 @@ class Pipeline:
         They hold ~65 % of a U-Net step at 256x256 and run near the CPU's matmul peak already; Winograd does
         them with 2.25-4x fewer multiplications. In this mode CFG also passes its latents once for the
         [uncond; cond] contexts, so the U-Net's start before the text enters (~6 % of the work at 512x512)
-        runs once per image (UNetModel.forward). SD 1.5 U-Net step on 2 cores: 0.65-0.73x diffusers' time at
-        256x256 and 512x512 (BENCHMARKS.md). Not bit-identical to the direct convolution (and so to
+        runs once per image (UNetModel.forward). Not bit-identical to the direct convolution (and so to
         diffusers): the U-Net output moves by ~2e-5 of its scale, an image by at most a level here and there.
         Memory: the transformed weights, made on first use (+3-5 s on the first step), add 1.1x the U-Net's
-        weights at 256x256 and 1.3x at 512x512 (3.9 / 4.4 GB for SD 1.5); use_winograd(False) frees them.
+        weights at 256x256 and 1.3x at 512x512; use_winograd(False) frees them. Speed: BENCHMARKS.md.
         """
         if enabled and (self.device.type != "cpu" or self.dtype != torch.float32):
             raise ValueError(winograd_error(self.device, self.dtype))
@@ -127,83 +149,116 @@ class Pipeline:
         differently from a batch of two, and bit-identity with diffusers would be lost."""
         return latents if self.winograd else torch.cat([latents, latents])
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, sampler: str = "ddpm",
-                 guidance_scale: float = 7.5, negative_prompts: Sequence[str] | None = None,
-                 width: int = 512, height: int = 512, init_images: Sequence[Image.Image] | None = None,
-                 strength: float = 0.8, eta: float = 0.0,
-                 callback: Callable[[int, int, torch.Tensor], None] | None = None,
-                 progress: bool = True) -> list[Image.Image]:
-        """Generate one image per (prompt, seed); all of them in one batched U-Net pass per step.
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int],
+                 negative_prompts: Sequence[str] | None = None,
+                 init_images: Sequence[Image.Image] | None = None,
+                 callback: Callable[[int, int, torch.Tensor], None] | None = None, progress: bool = True,
+                 **settings) -> list[Image.Image]:
+        """One image per (prompt, seed), all with the same settings: the fields of sdcore.params.Generation
+        (sampler, steps, guidance_scale, width, height, eta, strength), its defaults where not given.
+
+        negative_prompts (default "") are the uncond prompts. init_images (one PIL image per prompt) make it
+        img2img, with strength IMG2IMG_STRENGTH unless given. See `run` for the rest.
+        """
+        unknown = sorted(set(settings) - set(GENERATION_FIELDS))
+        if unknown:
+            raise TypeError(f"generate() got unknown setting(s) {unknown}; accepted: the arguments named in "
+                            f"its signature and the settings {', '.join(GENERATION_FIELDS)}")
+        if init_images is not None:
+            settings.setdefault("strength", IMG2IMG_STRENGTH)
+        elif settings.get("strength") is not None:
+            raise InvalidField("strength", f"{settings['strength']!r} without init_images",
+                               "a strength for img2img only: pass init_images too")
+        requests = make_requests(prompts, seeds, negative_prompts, Generation(**settings))
+        return [result.image for result in self.run(requests, init_images, callback, progress)]
+
+    def run(self, requests: Sequence[Request], init_images: Sequence[Image.Image] | None = None,
+            callback: Callable[[int, int, torch.Tensor], None] | None = None,
+            progress: bool = True) -> list[Result]:
+        """A Result per request, in order. Requests with equal settings (Generation) run as one batch, others
+        as batches of their own; an image never depends on the other requests.
 
         guidance_scale > 1 runs classifier-free guidance, eps = uncond + g * (cond - uncond), with the
         [uncond, cond] rows in one U-Net batch; guidance_scale <= 1 runs the prompt alone (no uncond pass),
-        as diffusers does. negative_prompts (default "") are the uncond prompts.
+        as diffusers does.
 
-        img2img: init_images (one PIL image per prompt) are converted to RGB (alpha dropped, grey
-        replicated) and, when their size differs from width x height, resized to it with PIL's LANCZOS
-        filter (what diffusers' VaeImageProcessor does), without keeping the aspect ratio. strength in
-        (0, 1] selects the last int(steps * strength) timesteps of the schedule.
+        img2img: a request with a strength takes its init image (init_images[k] for requests[k]), converted
+        to RGB (alpha dropped, grey replicated) and, when its size differs from width x height, resized to
+        it with PIL's LANCZOS filter (what diffusers' VaeImageProcessor does), without keeping the aspect
+        ratio. Only the last int(steps * strength) timesteps of the schedule run.
 
-        callback(step, total, latents) runs after every sampler step, step counting from 1 to total.
+        callback(step, total, latents) runs after every sampler step of each batch, step counting from 1.
         Pixels are round(clamp(x / 2 + 0.5, 0, 1) * 255), rounding half to even, as diffusers does.
         """
-        prompts, seeds, negative_prompts = self._check_texts_and_seeds(prompts, seeds, negative_prompts)
-        check_size(width, height)
-        check_number("guidance_scale", guidance_scale, low=0.0)
+        requests = check_requests(requests)
         if init_images is not None:
-            init_images = check_init_images(init_images, len(prompts))
+            init_images = check_init_images(init_images, len(requests))
+        for k, request in enumerate(requests):
+            if (request.generation.strength is not None) != (init_images is not None):
+                raise InvalidField(f"requests[{k}].generation.strength",
+                                   f"is {request.generation.strength} with init_images "
+                                   f"{'given' if init_images is not None else 'not given'}",
+                                   "a strength exactly when there are init images (img2img)")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be a callable (step, total, latents), "
                             f"got {type(callback).__name__}")
-        # Checks the sampler name, steps (1..999), eta and strength (must leave >= 1 step).
-        plan = samplers.create(sampler, steps, eta=eta, strength=1.0 if init_images is None else strength)
+        batches: dict[Generation, list[int]] = {}
+        for k, request in enumerate(requests):
+            batches.setdefault(request.generation, []).append(k)
+        results: list[Result | None] = [None] * len(requests)
+        for generation, rows in batches.items():
+            images = None if init_images is None else [init_images[k] for k in rows]
+            batch = self._batch([requests[k] for k in rows], generation, images, callback, progress)
+            for k, result in zip(rows, batch, strict=True):
+                results[k] = result
+        return results
 
+    def _batch(self, requests: list[Request], generation: Generation, init_images, callback,
+               progress: bool) -> list[Result]:
+        g = generation
+        schedule = samplers.schedule(g.sampler, g.steps, g.strength)
         with torch.inference_mode():
-            guided = guidance_scale > 1.0
-            context = self.encode_text((negative_prompts + prompts) if guided else prompts)
-            generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+            guided = g.guidance_scale > 1.0
+            prompts = [request.prompt for request in requests]
+            negatives = [request.negative_prompt for request in requests]
+            context = self.encode_text((negatives + prompts) if guided else prompts)
+            generators = [torch.Generator("cpu").manual_seed(request.seed) for request in requests]
+            latent_shape = (4, g.height // 8, g.width // 8)
             if init_images is None:
-                latents = self.noise(generators, height // 8, width // 8) * plan.init_noise_sigma
+                x = randn(generators, latent_shape, device=self.device) * schedule.init_noise_sigma
             else:
-                clean = self.encode_images(init_images, generators, width, height)  # draws first
-                latents = plan.add_noise(clean, self.noise(generators, height // 8, width // 8))
+                clean = self.encode_images(init_images, generators, g.width, g.height)  # draws first
+                x = schedule.noised(clean, randn(generators, latent_shape, device=self.device))
 
-            total = len(plan.timesteps)
-            for i, t in enumerate(tqdm(plan.timesteps, disable=not progress, desc="sdcore", unit="step")):
-                model_input = plan.scale_model_input(latents, i)
-                if guided:
-                    model_input = self.cfg_latents(model_input)
+            def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                model_input = self.cfg_latents(x) if guided else x
                 timesteps = t.to(self.device).expand(model_input.shape[0])
                 # The sampler's arithmetic stays in fp32; only the U-Net runs in the model's precision.
                 eps = self.unet(model_input.to(self.dtype), timesteps, context).float()
-                if guided:
-                    uncond, cond = eps.chunk(2)
-                    eps = uncond + guidance_scale * (cond - uncond)
-                latents = plan.step(eps, i, latents, generators)
-                if callback is not None:
-                    callback(i + 1, total, latents)
+                if not guided:
+                    return eps
+                uncond, cond = eps.chunk(2)
+                return uncond + g.guidance_scale * (cond - uncond)
 
+            def noise(like: torch.Tensor) -> torch.Tensor:
+                return randn(generators, like.shape[1:], device=like.device).to(like.dtype)
+
+            x = samplers.sample(g.sampler, denoise, x, schedule, noise, eta=g.eta, callback=callback,
+                                disable=not progress)
+            finite = x.flatten(1).isfinite().all(1).tolist()
             # One image at a time: a 512x512 decode holds ~0.5 GB per 128-channel fp16 map, so batching buys
             # little and costs peak memory; it also keeps the decode of an image free of its neighbours.
-            return [to_pil(self.decode(latents[k:k + 1])) for k in range(len(prompts))]
+            return [Result(request, to_pil(self.decode(x[k:k + 1])), ok)
+                    for k, (request, ok) in enumerate(zip(requests, finite, strict=True))]
 
-    def settings(self, prompt: str, seed: int, steps: int = 50, sampler: str = "ddpm",
-                 guidance_scale: float = 7.5, negative_prompt: str = "", width: int = 512, height: int = 512,
-                 strength: float | None = None, eta: float = 0.0) -> dict:
-        """The metadata of one generated image (written to PNG by sdcore.png.png_bytes).
-
-        strength is None for txt2img; pass the img2img strength to record an img2img image.
-        """
+    def metadata(self, request: Request) -> dict:
+        """The settings of one image as sdcore.png writes them: the request and the model that made it."""
         settings = {
-            "prompt": prompt, "negative_prompt": negative_prompt, "seed": int(seed), "steps": int(steps),
-            "sampler": sampler, "guidance_scale": float(guidance_scale), "eta": float(eta),
-            "width": int(width), "height": int(height), "model": self.name, "model_hash": self.model_hash,
+            **request.to_dict(), "model": self.name, "model_hash": self.model_hash,
             "precision": self.precision, "random_model": bool(self.is_random),
         }
         if self.winograd:
             settings["winograd"] = True  # recorded only when on: it is why a rerun without it may differ
-        if strength is not None:
-            settings["strength"] = float(strength)
         return settings
 
     # -- stages -------------------------------------------------------------------------------------------
@@ -220,11 +275,6 @@ class Pipeline:
             table.update(zip(distinct, embeddings, strict=True))
         return torch.stack([table[text] for text in texts])
 
-    def noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
-        """One fp32 N(0, 1) latent per image from its own CPU generator, as diffusers' randn_tensor does."""
-        draws = [torch.randn((1, 4, height, width), generator=g, dtype=torch.float32) for g in generators]
-        return torch.cat(draws).to(self.device)
-
     def encode_images(self, images: list[Image.Image], generators: list[torch.Generator], width: int,
                       height: int) -> torch.Tensor:
         """Scaled VAE posterior samples of the init images, one image at a time (diffusers' order).
@@ -235,7 +285,7 @@ class Pipeline:
             posterior = self.vae.encode(pixels.to(self.dtype))
             if self.dtype != torch.float32 and not all(torch.isfinite(p).all() for p in posterior):
                 posterior = self.fp32_vae().encode(pixels)
-            latents.append(VAE_SCALE * posterior.sample(generator).float())
+            latents.append(self.latent_scale * posterior.sample(generator).float())
         return torch.cat(latents)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -247,7 +297,7 @@ class Pipeline:
         non-finite result with an fp32 copy of the VAE, made on first need. bf16 has fp32's range; the
         check costs one reduction.
         """
-        unscaled = latents / VAE_SCALE
+        unscaled = latents / self.latent_scale
         images = self.vae.decode(unscaled.to(self.dtype)).float()
         if self.dtype != torch.float32 and not torch.isfinite(images).all():
             images = self.fp32_vae().decode(unscaled.float())
@@ -258,22 +308,6 @@ class Pipeline:
             if self._fp32_vae is None:
                 self._fp32_vae = copy.deepcopy(self.vae).float()
             return self._fp32_vae
-
-    def _check_texts_and_seeds(self, prompts, seeds, negative_prompts):
-        prompts = check_strings("prompts", prompts)
-        if not prompts:
-            raise ValueError("prompts is empty; pass at least one prompt")
-        seeds = check_seeds(seeds)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"seeds has {len(seeds)} values for {len(prompts)} prompts; "
-                             "pass one seed per prompt")
-        if negative_prompts is None:
-            negative_prompts = [""] * len(prompts)
-        negative_prompts = check_strings("negative_prompts", negative_prompts)
-        if len(negative_prompts) != len(prompts):
-            raise ValueError(f"negative_prompts has {len(negative_prompts)} values for {len(prompts)} "
-                             "prompts; pass one per prompt, or None for empty negative prompts")
-        return prompts, seeds, negative_prompts
 
 
 # -- images ------------------------------------------------------------------------------------------------
@@ -296,46 +330,44 @@ def to_pil(images: torch.Tensor) -> Image.Image:
 
 # -- argument checks: each error names the argument, the value and what is accepted ----------------------
 
-def is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+def make_requests(prompts, seeds, negative_prompts, generation: Generation) -> list[Request]:
+    """generate()'s parallel lists as Requests; an error names the list and the index."""
+    prompts = check_list("prompts", prompts)
+    if not prompts:
+        raise ValueError("prompts is empty; pass at least one prompt")
+    seeds = check_list("seeds", seeds)
+    negative_prompts = [""] * len(prompts) if negative_prompts is None \
+        else check_list("negative_prompts", negative_prompts)
+    for name, values in (("seeds", seeds), ("negative_prompts", negative_prompts)):
+        if len(values) != len(prompts):
+            raise ValueError(f"{name} has {len(values)} values for {len(prompts)} prompts; pass one per "
+                             "prompt" + (", or None for empty negative prompts" if name[0] == "n" else ""))
+    plural = {"prompt": "prompts", "seed": "seeds", "negative_prompt": "negative_prompts"}
+    requests = []
+    for k, (prompt, seed, negative) in enumerate(zip(prompts, seeds, negative_prompts, strict=True)):
+        try:
+            requests.append(Request(prompt, seed, negative, generation))
+        except InvalidField as error:
+            raise InvalidField(f"{plural[error.field]}[{k}]", error.problem, error.accepted) from None
+    return requests
 
 
-def check_strings(name: str, values) -> list[str]:
+def check_list(name: str, values) -> list:
     if isinstance(values, str) or not isinstance(values, Sequence):
-        raise TypeError(f"{name} must be a list of str, got {type(values).__name__} "
-                        f"{values!r:.60}; wrap a single prompt in a list")
-    for index, value in enumerate(values):
-        if not isinstance(value, str):
-            raise TypeError(f"{name}[{index}] must be a str, got {type(value).__name__} {value!r:.60}")
+        raise TypeError(f"{name} must be a list, got {type(values).__name__} {values!r:.60}; "
+                        "wrap a single value in a list")
     return list(values)
 
 
-def check_seeds(seeds) -> list[int]:
-    if not isinstance(seeds, Sequence) or isinstance(seeds, str):
-        raise TypeError(f"seeds must be a list of int, got {type(seeds).__name__} {seeds!r:.60}")
-    for index, seed in enumerate(seeds):
-        if not is_integer(seed):
-            raise TypeError(f"seeds[{index}] must be an int in 0..2**64-1, "
-                            f"got {type(seed).__name__} {seed!r}")
-        if not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seeds[{index}] = {seed} is out of range; seeds are integers in 0..2**64-1")
-    return [int(seed) for seed in seeds]
-
-
-def check_size(width, height) -> None:
-    for name, value in (("width", width), ("height", height)):
-        if not is_integer(value) or value % 8 or not MIN_SIZE <= value <= MAX_SIZE:
-            raise ValueError(f"{name} = {value!r} is not accepted; {name} is a multiple of 8 in "
-                             f"{MIN_SIZE}..{MAX_SIZE} (the VAE works at 1/8 resolution)")
-
-
-def is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_number(name: str, value, low: float) -> None:
-    if not is_real(value) or not math.isfinite(value) or value < low:
-        raise ValueError(f"{name} = {value!r} is not accepted; {name} is a finite number >= {low}")
+def check_requests(requests) -> list[Request]:
+    requests = check_list("requests", requests)
+    if not requests:
+        raise ValueError("requests is empty; pass at least one sdcore.params.Request")
+    for index, request in enumerate(requests):
+        if not isinstance(request, Request):
+            raise TypeError(f"requests[{index}] must be a sdcore.params.Request, "
+                            f"got {type(request).__name__}")
+    return requests
 
 
 def check_init_images(images, count: int) -> list[Image.Image]:

@@ -18,19 +18,12 @@ import os
 
 from PIL import Image, PngImagePlugin
 
-REQUIRED_KEYS = (
-    "prompt", "negative_prompt", "seed", "steps", "sampler", "guidance_scale", "eta",
-    "width", "height", "model", "model_hash", "precision", "random_model",
-)
+from sdcore.params import GENERATION_FIELDS, SAMPLERS
 
-# sdcore sampler name -> the name the A1111 web UI writes for the same algorithm
-A1111_SAMPLER_NAMES = {
-    "ddpm": "DDPM",
-    "ddim": "DDIM",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-}
+# A Request's fields (sdcore.params; strength only for img2img) and the model that made the image.
+MODEL_KEYS = ("model", "model_hash", "precision", "random_model")
+REQUIRED_KEYS = ("prompt", "negative_prompt", "seed",
+                 *(name for name in GENERATION_FIELDS if name != "strength"), *MODEL_KEYS)
 
 
 def infotext(settings: dict) -> str:
@@ -40,7 +33,8 @@ def infotext(settings: dict) -> str:
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
     fields = [
         ("Steps", settings["steps"]),
-        ("Sampler", A1111_SAMPLER_NAMES.get(settings["sampler"], settings["sampler"])),
+        ("Sampler", SAMPLERS[settings["sampler"]].a1111 if settings["sampler"] in SAMPLERS
+                    else settings["sampler"]),
         ("CFG scale", settings["guidance_scale"]),
         ("Seed", settings["seed"]),
         ("Size", f"{settings['width']}x{settings['height']}"),

@@ -28,7 +28,8 @@ import sdcore
 from sdcore import Pipeline
 from sdcore.checkpoints import Components
 from sdcore.config import CLIPConfig, UNetConfig, VAEConfig, tiny_clip, tiny_unet, tiny_vae
-from sdcore.pipeline import VAE_SCALE, from_pil, resolve_dtype, to_pil
+from sdcore.params import Generation, Request
+from sdcore.pipeline import from_pil, resolve_dtype, to_pil
 from sdcore.png import REQUIRED_KEYS, png_bytes, read_settings
 from sdcore.tokenizer import CLIPTokenizer
 from tests.fixtures_tokenizer import reference_tokenizer, write_clip_tokenizer_folder
@@ -120,7 +121,7 @@ def our_image(models, sampler, seed, steps, width, height, guidance_scale=7.5, e
     images = models.ours.generate(
         [PROMPT], [seed], steps=steps, sampler=sampler, guidance_scale=guidance_scale,
         negative_prompts=[NEGATIVE], width=width, height=height, eta=eta, progress=False,
-        init_images=None if image is None else [image], strength=strength)
+        init_images=None if image is None else [image], strength=None if image is None else strength)
     return np.array(images[0])
 
 
@@ -200,7 +201,7 @@ def test_the_same_batch_gives_identical_bytes_again(tiny):
     prompts, seeds = [PROMPT, "a red car", PROMPT], [5, 6, 7]
     first = tiny.ours.generate(prompts, seeds, steps=3, sampler="ddpm", width=64, height=64, progress=False)
     again = tiny.ours.generate(prompts, seeds, steps=3, sampler="ddpm", width=64, height=64, progress=False)
-    settings = tiny.ours.settings(PROMPT, 5, steps=3, sampler="ddpm", width=64, height=64)
+    settings = tiny.ours.metadata(Request(PROMPT, 5, generation=Generation("ddpm", 3, width=64, height=64)))
     assert [png_bytes(image, settings) for image in first] == [png_bytes(image, settings) for image in again]
 
 
@@ -208,6 +209,44 @@ def test_seeds_and_prompts_change_the_image(tiny):
     base, other_seed, other_prompt = generate_batch(tiny.ours, [PROMPT, PROMPT, "a red car"], [1, 2, 1])
     assert max_level_difference(base, other_seed) > 10
     assert max_level_difference(base, other_prompt) > 10
+
+
+def test_run_batches_requests_by_their_settings_and_each_image_is_as_if_alone(tiny):
+    fast, other = Generation("euler_a", 3, width=64, height=64), Generation("ddim", 2, width=64, height=64)
+    requests = [Request(PROMPT, 1, generation=fast), Request("a red car", 2, generation=other),
+                Request("a forest", 3, generation=fast)]
+    sizes = []
+    handle = tiny.ours.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    try:
+        results = tiny.ours.run(requests, progress=False)
+    finally:
+        handle.remove()
+    assert sizes == [4] * 3 + [2] * 2  # one batch per Generation: 2 images (CFG rows), then 1
+    assert [result.request for result in results] == requests
+    for request, result in zip(requests, results, strict=True):
+        alone = tiny.ours.run([request], progress=False)[0]
+        assert result.finite and max_level_difference(np.array(result.image), np.array(alone.image)) <= 1
+
+
+def test_run_reports_an_image_whose_latents_are_not_finite(tiny):
+    broken = copy.deepcopy(tiny.ours.parts)
+    broken.unet = copy.deepcopy(broken.unet)
+    with torch.no_grad():
+        broken.unet.out[2].bias.fill_(float("nan"))
+    generation = Generation("ddim", 2, width=64, height=64)
+    results = Pipeline(broken).run([Request(PROMPT, 1, generation=generation)], progress=False)
+    assert results[0].finite is False
+    assert tiny.ours.run([Request(PROMPT, 1, generation=generation)], progress=False)[0].finite is True
+
+
+def test_run_refuses_a_strength_without_an_init_image_and_the_reverse(tiny):
+    img2img = Request(PROMPT, 1, generation=Generation(steps=2, width=64, height=64, strength=0.5))
+    with pytest.raises(ValueError, match=r"^requests\[0\]\.generation\.strength: is 0\.5 with init_images "
+                                         r"not given"):
+        tiny.ours.run([img2img])
+    with pytest.raises(ValueError, match=r"^requests\[0\]\.generation\.strength: is None with init_"
+                                         r"images given"):
+        tiny.ours.run([Request(PROMPT, 1)], init_images=[BLACK])
 
 
 def test_threads_may_share_one_pipeline(tiny):
@@ -306,12 +345,12 @@ def test_to_pil_rounds_half_to_even_like_diffusers():
 
 
 def test_settings_hold_every_key_of_the_png_contract(tiny):
-    settings = tiny.ours.settings(PROMPT, 9, steps=20, sampler="ddim", guidance_scale=6, negative_prompt="x",
-                                  width=64, height=128, eta=0.3)
+    generation = Generation("ddim", 20, guidance_scale=6, width=64, height=128, eta=0.3)
+    settings = tiny.ours.metadata(Request(PROMPT, 9, "x", generation))
     assert set(REQUIRED_KEYS) == set(settings)
     assert settings["guidance_scale"] == 6.0 and settings["random_model"] is True
     assert settings["precision"] == "fp32" and settings["model"] == "reference"
-    img2img = tiny.ours.settings(PROMPT, 9, strength=0.5)
+    img2img = tiny.ours.metadata(Request(PROMPT, 9, generation=Generation(strength=0.5)))
     assert img2img["strength"] == 0.5
     image = tiny.ours.generate([PROMPT], [9], steps=2, width=64, height=64, progress=False)[0]
     assert read_settings(png_bytes(image, settings)) == settings
@@ -319,7 +358,8 @@ def test_settings_hold_every_key_of_the_png_contract(tiny):
 
 def test_png_of_a_generated_image_round_trips(tiny):
     image = tiny.ours.generate([PROMPT], [3], steps=2, width=64, height=64, progress=False)[0]
-    data = png_bytes(image, tiny.ours.settings(PROMPT, 3, steps=2, width=64, height=64))
+    data = png_bytes(image, tiny.ours.metadata(Request(PROMPT, 3, generation=Generation(steps=2, width=64,
+                                                                                         height=64))))
     assert np.array_equal(np.array(Image.open(io.BytesIO(data))), np.array(image))
 
 
@@ -343,7 +383,7 @@ def test_load_takes_precision_names_or_dtypes_and_defaults_to_fp32_on_cpu():
     assert resolve_dtype(torch.float16, torch.device("cpu")) == torch.float16
     with pytest.raises(ValueError, match=r"dtype 'fp8' is not supported; use one of \['fp32', 'fp16'"):
         resolve_dtype("fp8", torch.device("cpu"))
-    pipe = sdcore.load("tiny-random", dtype="fp16")
+    pipe = sdcore.load("tiny-random", dtype="fp16")  # device "auto": the CPU here, fp16 as asked
     assert (pipe.precision, pipe.dtype, pipe.model_hash) == ("fp16", torch.float16, None)
     assert next(pipe.vae.parameters()).dtype == torch.float16
 
@@ -363,10 +403,11 @@ def test_vae_decode_redoes_an_fp16_overflow_in_fp32(tiny):
         # Weights just inside fp16's range (max 65504) give activations past it; fp32 has room for them.
         weight = half.vae.decoder.conv_in.weight
         weight *= 60000 / weight.abs().max().item()
-        latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)) * VAE_SCALE
-        assert not torch.isfinite(half.vae.decode((latents / VAE_SCALE).half())).all()  # the overflow
+        scale = VAEConfig().scaling_factor
+        latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)) * scale
+        assert not torch.isfinite(half.vae.decode((latents / scale).half())).all()  # the overflow
         decoded = half.decode(latents)
-        in_fp32 = _half(half.vae).float().decode(latents / VAE_SCALE)
+        in_fp32 = _half(half.vae).float().decode(latents / scale)
     assert torch.isfinite(decoded).all()
     assert torch.equal(decoded, in_fp32)
     image = np.array(half.generate(["a"], [1], steps=2, width=64, height=64, progress=False)[0])
@@ -383,36 +424,42 @@ def test_vae_encode_redoes_an_fp16_overflow_in_fp32(tiny):
         assert not torch.isfinite(half.vae.encode(pixels.half()).mean).all()  # the overflow
         latents = half.encode_images([image], [torch.Generator().manual_seed(1)], 64, 64)
         in_fp32 = _half(half.vae).float().encode(pixels).sample(torch.Generator().manual_seed(1))
-    assert torch.equal(latents, VAE_SCALE * in_fp32)
+    assert torch.equal(latents, VAEConfig().scaling_factor * in_fp32)
 
 
 # -- arguments ---------------------------------------------------------------------------------------------
 
 BLACK = Image.new("RGB", (64, 64))
 BAD_ARGUMENTS = [  # overrides of a valid call, error type, message fragment
-    (dict(steps=0), ValueError, r"steps=0 .*1\.\.999"),
-    (dict(steps=1000), ValueError, r"steps=1000 .*1\.\.999"),
-    (dict(width=100), ValueError, r"width = 100 .*multiple of 8 in 64\.\.2048"),
-    (dict(height=56), ValueError, r"height = 56 .*multiple of 8 in 64\.\.2048"),
-    (dict(width=4096), ValueError, r"width = 4096"),
-    (dict(strength=1.5, init_images=[BLACK]), ValueError, r"strength=1\.5 .*0 < strength <= 1"),
-    (dict(strength=0.05, init_images=[BLACK]), ValueError, r"leaves 0 steps"),
-    (dict(sampler="plms"), ValueError, r"sampler 'plms' is unknown; choose one of ddpm, ddim"),
-    (dict(eta=0.5), ValueError, r"eta=0\.5.*only the ddim sampler"),
-    (dict(seeds=[1, 2]), ValueError, r"seeds has 2 values for 1 prompts"),
-    (dict(seeds=[-1]), ValueError, r"seeds\[0\] = -1 is out of range; seeds are integers in 0\.\.2\*\*64-1"),
-    (dict(seeds=[2**64]), ValueError, r"seeds\[0\] = 18446744073709551616 is out of range"),
-    (dict(seeds=[1.5]), TypeError, r"seeds\[0\] must be an int"),
-    (dict(prompts="a cat"), TypeError, r"prompts must be a list of str, got str"),
-    (dict(prompts=[None]), TypeError, r"prompts\[0\] must be a str, got NoneType"),
-    (dict(prompts=[]), ValueError, r"prompts is empty"),
-    (dict(negative_prompts=["a", "b"]), ValueError, r"negative_prompts has 2 values for 1 prompts"),
-    (dict(guidance_scale=float("nan")), ValueError, r"guidance_scale = nan .*finite number >= 0"),
-    (dict(guidance_scale=float("inf")), ValueError, r"guidance_scale = inf"),
-    (dict(guidance_scale=-2), ValueError, r"guidance_scale = -2 .*finite number >= 0"),
-    (dict(init_images=[BLACK, BLACK]), ValueError, r"init_images has 2 images for 1 prompts"),
-    (dict(init_images=[np.zeros((64, 64, 3))]), TypeError, r"init_images\[0\] must be a PIL.Image.Image"),
-    (dict(callback="print"), TypeError, r"callback must be a callable"),
+    (dict(steps=0), ValueError, r"^steps: 0 is out of range; accepted: an integer from 1 to 999"),
+    (dict(steps=1000), ValueError, r"^steps: 1000 is out of range; accepted: an integer from 1 to 999"),
+    (dict(width=100), ValueError, r"^width: 100 is not a multiple of 8; accepted: .* from 64 to"),
+    (dict(height=56), ValueError, r"^height: 56 is out of range; accepted: an integer from 64 to 2048"),
+    (dict(width=4096), ValueError, r"^width: 4096 is out of range"),
+    (dict(strength=1.5, init_images=[BLACK]), ValueError,
+     r"^strength: 1\.5 is out of range; accepted: .* from 0 to 1"),
+    (dict(strength=0.05, init_images=[BLACK]), ValueError, r"^strength: 0\.05 with steps=2 leaves 0 steps"),
+    (dict(strength=0.5), ValueError, r"^strength: 0\.5 without init_images; accepted: .* img2img"),
+    (dict(sampler="plms"), ValueError, r"^sampler: 'plms' is not a known sampler; accepted: ddpm, ddim"),
+    (dict(eta=0.5), ValueError, r"^eta: 0\.5 with sampler ddpm, which has no eta; accepted: 0, .*: ddim"),
+    (dict(cfg=7), TypeError, r"unknown setting\(s\) \['cfg'\]; accepted: .*guidance_scale"),
+    (dict(seeds=[1, 2]), ValueError, r"^seeds has 2 values for 1 prompts"),
+    (dict(seeds=[-1]), ValueError,
+     r"^seeds\[0\]: -1 is out of range; accepted: an integer from 0 to 18446744073709551615"),
+    (dict(seeds=[2**64]), ValueError, r"^seeds\[0\]: 18446744073709551616 is out of range"),
+    (dict(seeds=[1.5]), ValueError, r"^seeds\[0\]: 1\.5 is a float; accepted: an integer"),
+    (dict(prompts="a cat"), TypeError, r"^prompts must be a list, got str"),
+    (dict(prompts=[None]), ValueError, r"^prompts\[0\]: None is a NoneType; accepted: UTF-8 text"),
+    (dict(prompts=["a\x00"]), ValueError, r"^prompts\[0\]: contains a NUL character at position 1"),
+    (dict(prompts=[]), ValueError, r"^prompts is empty"),
+    (dict(negative_prompts=["a", "b"]), ValueError, r"^negative_prompts has 2 values for 1 prompts"),
+    (dict(guidance_scale=float("nan")), ValueError,
+     r"^guidance_scale: nan is not finite; accepted: .* from 0 to 100"),
+    (dict(guidance_scale=float("inf")), ValueError, r"^guidance_scale: inf is not finite"),
+    (dict(guidance_scale=-2), ValueError, r"^guidance_scale: -2 is out of range"),
+    (dict(init_images=[BLACK, BLACK]), ValueError, r"^init_images has 2 images for 1 prompts"),
+    (dict(init_images=[np.zeros((64, 64, 3))]), TypeError, r"^init_images\[0\] must be a PIL.Image.Image"),
+    (dict(callback="print"), TypeError, r"^callback must be a callable"),
 ]  # fmt: skip
 
 

@@ -1,9 +1,9 @@
-"""Samplers: every plan equals its diffusers scheduler (built from SD 1.5's scheduler config with "leading"
-spacing and steps_offset 1) step by step, for txt2img and img2img, keeps no state between plans, draws each
+"""Samplers: every sampler equals its diffusers scheduler (built from SD 1.5's scheduler config with "leading"
+spacing and steps_offset 1) step by step, for txt2img and img2img, shares nothing between calls, draws each
 image's noise from that image's generator, and rejects arguments it cannot run with a message naming them."""
 
-import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -14,7 +14,9 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
 )
 
-from sdcore import samplers
+from sdcore import params, samplers
+from sdcore.errors import InvalidField
+from sdcore.noise import randn
 
 # diffusers' schedulers call np.array on a torch tensor, which numpy 2 warns about on every set_timesteps.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -40,7 +42,7 @@ REFERENCE = {
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
 }
 # (sampler, eta): ddim also with eta > 0, where it draws noise.
-CASES = [(name, 0.0) for name in samplers.NAMES] + [("ddim", 0.6)]
+CASES = [(name, 0.0) for name in samplers.SAMPLERS] + [("ddim", 0.6)]
 STEP_COUNTS = (1, 2, 3, 10, 50, 999)
 SEEDS = (11, 12)
 LATENT_SHAPE = (4, 8, 8)
@@ -73,14 +75,19 @@ def generators(seeds) -> list[torch.Generator]:
 
 
 def initial_noise(seeds) -> torch.Tensor:
-    return torch.cat([torch.randn((1, *LATENT_SHAPE), generator=g) for g in generators(seeds)])
+    return randn(generators(seeds), LATENT_SHAPE)
 
 
-def run_plan(plan, x: torch.Tensor, gens) -> list[torch.Tensor]:
+def noise_sampler(gens):
+    """What the pipeline passes: each image's draws from its own generator, in fp32, cast to x's dtype."""
+    return lambda like: randn(gens, like.shape[1:], torch.float32, like.device).to(like.dtype)
+
+
+def run(name, x, schedule, seeds, eta=0.0, model=pseudo_unet) -> list[torch.Tensor]:
+    """The x after each step, as the callback sees it."""
     trajectory = []
-    for i, t in enumerate(plan.timesteps):
-        x = plan.step(pseudo_unet(plan.scale_model_input(x, i), t), i, x, gens)
-        trajectory.append(x)
+    samplers.sample(name, model, x, schedule, noise_sampler(generators(seeds)), eta=eta,
+                    callback=lambda step, total, x: trajectory.append(x))
     return trajectory
 
 
@@ -94,30 +101,30 @@ def run_reference(scheduler, timesteps, x: torch.Tensor, gens, eta: float) -> li
     return trajectory
 
 
-def max_abs_error(ours: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    assert len(ours) == len(reference)
-    return max((a - b).abs().max().item() for a, b in zip(ours, reference, strict=True))
-
-
 def assert_same_trajectory(ours, reference):
-    scale = max(b.abs().max().item() for b in reference)
-    error = max_abs_error(ours, reference)
-    assert error <= 1e-6 * max(scale, 1.0), (
-        f"max abs error {error:.3g} along the trajectory (|x| <= {scale:.3g})"
-    )
+    """Every step within 1e-6 of the trajectory's scale, with NaN and inf where the reference has them:
+    dpmpp_2m at 999 steps holds t = 1000 at t = 999's sigma, so its second step divides by a zero-length
+    first one, in diffusers too."""
+    assert len(ours) == len(reference)
+    scale = max(b.nan_to_num(0.0, 0.0, 0.0).abs().max().item() for b in reference)
+    for step, (a, b) in enumerate(zip(ours, reference, strict=True)):
+        torch.testing.assert_close(
+            a, b, rtol=0, atol=1e-6 * max(scale, 1.0), equal_nan=True, check_dtype=False,
+            msg=lambda message, step=step: f"step {step} (|x| <= {scale:.3g}): {message}",
+        )
 
 
 @pytest.mark.parametrize("steps", STEP_COUNTS)
 @pytest.mark.parametrize("name, eta", CASES)
 def test_txt2img_trajectory_equals_diffusers(name, eta, steps):
     scheduler = reference_scheduler(name, steps)
-    plan = samplers.create(name, steps, eta=eta)
-    assert torch.equal(plan.timesteps, scheduler.timesteps.long())
-    assert plan.timesteps.dtype == torch.long
-    assert plan.init_noise_sigma == float(scheduler.init_noise_sigma)
+    schedule = samplers.schedule(name, steps)
+    assert torch.equal(schedule.timesteps, scheduler.timesteps.long())
+    assert schedule.timesteps.dtype == torch.long
+    assert schedule.init_noise_sigma == float(scheduler.init_noise_sigma)
 
     noise = initial_noise(SEEDS)
-    ours = run_plan(plan, noise * plan.init_noise_sigma, generators(SEEDS))
+    ours = run(name, noise * schedule.init_noise_sigma, schedule, SEEDS, eta)
     reference = run_reference(
         scheduler, scheduler.timesteps, noise * scheduler.init_noise_sigma, generators(SEEDS), eta
     )
@@ -127,9 +134,9 @@ def test_txt2img_trajectory_equals_diffusers(name, eta, steps):
 @pytest.mark.parametrize("name, eta", CASES)
 def test_half_precision_latents_step_in_half_like_diffusers(name, eta):
     scheduler = reference_scheduler(name, 10)
-    plan = samplers.create(name, 10, eta=eta)
+    schedule = samplers.schedule(name, 10)
     noise = initial_noise(SEEDS).half()
-    ours = run_plan(plan, noise * plan.init_noise_sigma, generators(SEEDS))
+    ours = run(name, noise * schedule.init_noise_sigma, schedule, SEEDS, eta)
     reference = run_reference(
         scheduler, scheduler.timesteps, noise * scheduler.init_noise_sigma, generators(SEEDS), eta
     )
@@ -137,11 +144,11 @@ def test_half_precision_latents_step_in_half_like_diffusers(name, eta):
     assert_same_trajectory(ours, reference)
 
 
-@pytest.mark.parametrize("name", samplers.NAMES)
+@pytest.mark.parametrize("name", samplers.SAMPLERS)
 def test_timesteps_equal_diffusers_for_every_step_count(name):
-    for steps in range(1, samplers.MAX_STEPS + 1):
+    for steps in range(1, params.MAX_STEPS + 1):
         expected = reference_scheduler(name, steps).timesteps.long()
-        assert torch.equal(samplers.create(name, steps).timesteps, expected), f"steps={steps}"
+        assert torch.equal(samplers.schedule(name, steps).timesteps, expected), f"steps={steps}"
 
 
 @pytest.mark.parametrize("steps, strength", [(10, 0.75), (50, 0.3), (3, 1.0), (7, 0.15), (999, 0.01)])
@@ -149,55 +156,68 @@ def test_timesteps_equal_diffusers_for_every_step_count(name):
 def test_img2img_tail_and_noising_equal_diffusers(name, eta, steps, strength):
     scheduler = reference_scheduler(name, steps)
     timesteps = reference_img2img_timesteps(scheduler, steps, strength)
-    plan = samplers.create(name, steps, eta=eta, strength=strength)
-    assert torch.equal(plan.timesteps, timesteps.long())
+    schedule = samplers.schedule(name, steps, strength=strength)
+    assert torch.equal(schedule.timesteps, timesteps.long())
 
     x0 = initial_noise((21, 22)) * 0.8
     noise = initial_noise(SEEDS)
-    ours_start = plan.add_noise(x0, noise)
+    ours_start = schedule.noised(x0, noise)
     reference_start = scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(SEEDS)))
     assert_same_trajectory([ours_start], [reference_start])
 
-    ours = run_plan(plan, ours_start, generators(SEEDS))
+    ours = run(name, ours_start, schedule, SEEDS, eta)
     reference = run_reference(scheduler, timesteps, reference_start, generators(SEEDS), eta)
     assert_same_trajectory(ours, reference)
 
 
 @pytest.mark.parametrize("name, eta", CASES)
 def test_each_image_draws_noise_from_its_own_generator(name, eta):
-    seeds = (5, 6, 7)
-    batch = run_plan(samplers.create(name, 10, eta=eta), initial_noise(seeds), generators(seeds))[-1]
+    seeds, schedule = (5, 6, 7), samplers.schedule(name, 10)
+    batch = run(name, initial_noise(seeds), schedule, seeds, eta)[-1]
     for k, seed in enumerate(seeds):
-        alone = run_plan(samplers.create(name, 10, eta=eta), initial_noise([seed]), generators([seed]))[-1]
+        alone = run(name, initial_noise([seed]), schedule, [seed], eta)[-1]
         assert torch.equal(batch[k : k + 1], alone), f"image {k} changed with its batch neighbours"
 
 
-def test_plans_share_no_state_across_threads():
+def test_concurrent_sample_calls_share_nothing():
+    # Two dpmpp_2m calls on one schedule object: each keeps its own multistep history.
     jobs = [("dpmpp_2m", (1, 2)), ("dpmpp_2m", (3, 4)), ("euler_a", (5, 6))]
-    sequential = [
-        run_plan(samplers.create(name, 20), initial_noise(seeds), generators(seeds)) for name, seeds in jobs
-    ]
+    schedules = {name: samplers.schedule(name, 20) for name, _ in jobs}
+    alone = [run(name, initial_noise(seeds), schedules[name], seeds) for name, seeds in jobs]
 
-    # The barrier makes the threads take their steps in lockstep, so the plans' steps interleave.
+    # Every model call waits for the other calls' model calls, so the calls' steps interleave.
     barrier = threading.Barrier(len(jobs))
-    threaded = [None] * len(jobs)
 
-    def run(slot, name, seeds):
-        plan, gens, x = samplers.create(name, 20), generators(seeds), initial_noise(seeds)
-        trajectory = []
-        for i, t in enumerate(plan.timesteps):
-            barrier.wait(timeout=10)
-            x = plan.step(pseudo_unet(plan.scale_model_input(x, i), t), i, x, gens)
-            trajectory.append(x)
-        threaded[slot] = trajectory
+    def lockstep_unet(x, t):
+        barrier.wait(timeout=10)
+        return pseudo_unet(x, t)
 
-    threads = [threading.Thread(target=run, args=(slot, *job)) for slot, job in enumerate(jobs)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for ours, alone in zip(threaded, sequential, strict=True):
-        assert all(torch.equal(a, b) for a, b in zip(ours, alone, strict=True))
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [
+            pool.submit(run, name, initial_noise(seeds), schedules[name], seeds, model=lockstep_unet)
+            for name, seeds in jobs
+        ]
+        together = [future.result() for future in futures]
+    for ours, expected in zip(together, alone, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True))
+
+
+def test_callback_follows_every_step_and_sample_returns_the_last_x():
+    schedule = samplers.schedule("euler_a", 10, strength=0.5)
+    calls = []
+    noise = noise_sampler(generators(SEEDS))
+    x = samplers.sample("euler_a", pseudo_unet, initial_noise(SEEDS), schedule, noise,
+                        callback=lambda step, total, x: calls.append((step, total, x)))
+    assert [(step, total) for step, total, _ in calls] == [(step, 5) for step in range(1, 6)]
+    assert x is calls[-1][2]
+
+
+def test_progress_bar_shows_when_enabled(capsys):
+    schedule = samplers.schedule("ddim", 3)
+    samplers.sample("ddim", pseudo_unet, initial_noise(SEEDS), schedule, noise_sampler(generators(SEEDS)),
+                    disable=False)
+    bar = capsys.readouterr().err
+    assert "sdcore: 100%" in bar and "3/3" in bar and "step" in bar
 
 
 @pytest.mark.parametrize(
@@ -205,43 +225,68 @@ def test_plans_share_no_state_across_threads():
     [
         (
             {"name": "heun", "steps": 10},
-            "sampler 'heun' is unknown; choose one of ddpm, ddim, euler_a, dpmpp_2m",
+            "sampler: 'heun' is not a known sampler; accepted: ddpm, ddim, euler_a, dpmpp_2m, "
+            "dpmpp_2m_karras",
         ),
-        ({"name": "ddpm", "steps": 0}, "steps=0 is out of range: SD 1.5's schedule runs 1..999 steps"),
-        ({"name": "euler_a", "steps": 1000}, "steps=1000 is out of range"),
-        ({"name": "ddim", "steps": 2.5}, "steps=2.5 is out of range"),
+        ({"name": "ddpm", "steps": 0}, "steps: 0 is out of range; accepted: an integer from 1 to 999"),
         (
-            {"name": "ddpm", "steps": 10, "eta": 0.5},
-            "eta=0.5: only the ddim sampler has an eta; ddpm takes eta=0",
+            {"name": "euler_a", "steps": 1000},
+            "steps: 1000 is out of range; accepted: an integer from 1 to 999",
         ),
-        ({"name": "dpmpp_2m_karras", "steps": 10, "eta": 1.0}, "eta=1.0: only the ddim sampler has an eta"),
-        ({"name": "ddim", "steps": 10, "eta": -0.1}, "eta=-0.1 is out of range: ddim takes 0 <= eta <= 1"),
+        ({"name": "ddim", "steps": 2.5}, "steps: 2.5 is a float; accepted: an integer from 1 to 999"),
         (
             {"name": "ddim", "steps": 10, "strength": 1.5},
-            "strength=1.5 is out of range: img2img takes 0 < strength <= 1",
+            "strength: 1.5 is out of range; accepted: a finite number from 0 to 1",
         ),
-        ({"name": "ddim", "steps": 10, "strength": 0.0}, "strength=0.0 is out of range"),
+        (
+            {"name": "ddim", "steps": 10, "strength": 0.0},
+            "strength: 0 is out of range; accepted: a number in (0, 1]",
+        ),
         (
             {"name": "ddpm", "steps": 10, "strength": 0.05},
-            "strength=0.05 with steps=10 leaves 0 steps to run",
+            "strength: 0.05 with steps=10 leaves 0 steps to run (int(steps * strength) = 0); "
+            "accepted: a strength of at least 0.1, or more steps",
         ),
     ],
 )
-def test_bad_arguments_are_named_with_what_is_accepted(kwargs, message):
-    with pytest.raises(ValueError, match="^" + re.escape(message)):
-        samplers.create(**kwargs)
+def test_schedule_names_a_bad_argument_with_what_is_accepted(kwargs, message):
+    with pytest.raises(InvalidField) as error:
+        samplers.schedule(**kwargs)
+    assert str(error.value) == message
+    assert error.value.field == message.split(":")[0]
 
 
-def test_step_needs_one_generator_per_image():
-    plan = samplers.create("ddpm", 10)
-    x = initial_noise(SEEDS)
-    with pytest.raises(ValueError, match="generators: got 1 for a batch of 2; one per image"):
-        plan.step(x, 0, x, generators([1]))
+@pytest.mark.parametrize(
+    "name, eta, message",
+    [
+        (
+            "ddpm", 0.5,
+            "eta: 0.5 with sampler ddpm, which has no eta; accepted: 0, or a sampler that takes one: ddim",
+        ),
+        (
+            "dpmpp_2m_karras", 1.0,
+            "eta: 1 with sampler dpmpp_2m_karras, which has no eta; "
+            "accepted: 0, or a sampler that takes one: ddim",
+        ),
+        ("ddim", -0.1, "eta: -0.1 is out of range; accepted: a finite number from 0 to 1"),
+        ("heun", 0.0, "sampler: 'heun' is not a known sampler; accepted: ddpm, ddim, euler_a, dpmpp_2m, "
+                      "dpmpp_2m_karras"),
+        ("ddim", 0.0, "schedule: was made for sampler euler_a, not ddim; accepted: a schedule from "
+                      "samplers.schedule('ddim', ...)"),
+    ],
+)
+def test_sample_names_a_bad_argument_with_what_is_accepted(name, eta, message):
+    schedule, noise = samplers.schedule("euler_a", 10), noise_sampler(generators(SEEDS))
+    with pytest.raises(InvalidField) as error:
+        samplers.sample(name, pseudo_unet, initial_noise(SEEDS), schedule, noise, eta=eta)
+    assert str(error.value) == message
+    assert error.value.field == message.split(":")[0]
 
 
-def test_dpmpp_2m_steps_in_order():
-    plan = samplers.create("dpmpp_2m", 10)
-    x = initial_noise(SEEDS)
-    message = "step index i=1: DPM++ 2M steps in order; the next step is 0"
-    with pytest.raises(ValueError, match=re.escape(message)):
-        plan.step(x, 1, x, generators(SEEDS))
+def test_noise_must_draw_for_every_image():
+    # One generator for a batch of two would broadcast one image's noise over both.
+    with pytest.raises(InvalidField) as error:
+        samplers.sample("ddpm", pseudo_unet, initial_noise(SEEDS), samplers.schedule("ddpm", 10),
+                        noise_sampler(generators([1])))
+    assert error.value.field == "noise"
+    assert error.value.problem == "returned torch.float32 (1, 4, 8, 8) for torch.float32 (2, 4, 8, 8)"

@@ -11,6 +11,7 @@ from torch import nn
 import sdcore
 from sdcore.models import winograd
 from sdcore.models.winograd import WinogradConv2d, transform_weight, use_winograd, winograd_conv3x3
+from sdcore.params import Request
 from sdcore.png import read_settings
 
 # Measured worst errors on unit-scale outputs: F(2x2) ~2e-6 (as oneDNN's direct convolution), F(4x4) ~5e-5.
@@ -166,8 +167,8 @@ def test_pipeline_images_stay_within_a_level_of_the_direct_path():
     ours = np.array(fast.generate(["a red boat"], [5], **settings)[0], dtype=int)
     theirs = np.array(direct.generate(["a red boat"], [5], **settings)[0], dtype=int)
     assert np.abs(ours - theirs).max() <= 1
-    assert fast.settings("a red boat", 5)["winograd"] is True
-    assert "winograd" not in direct.settings("a red boat", 5)
+    assert fast.metadata(Request("a red boat", 5))["winograd"] is True
+    assert "winograd" not in direct.metadata(Request("a red boat", 5))
 
 
 def test_in_winograd_mode_cfg_passes_the_latents_once():

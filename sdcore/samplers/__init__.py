@@ -1,49 +1,92 @@
 """Samplers for SD 1.5, each equal to its diffusers scheduler built from SD 1.5's scheduler config
 (timestep_spacing "leading", steps_offset 1).
 
-    plan = create(name, steps, eta=0.0, strength=1.0)   # fresh per generate() call
-    x = noise * plan.init_noise_sigma                   # txt2img; img2img: x = plan.add_noise(x0, noise)
-    for i, t in enumerate(plan.timesteps):
-        eps = unet(plan.scale_model_input(x, i), t, context)
-        x = plan.step(eps, i, x, generators)            # one CPU generator per image
+    from sdcore import samplers
+    schedule = samplers.schedule(name, steps, strength=None)   # strength in (0, 1]: img2img runs the tail
+    x = noise(latents) * schedule.init_noise_sigma             # img2img: x = schedule.noised(x0, noise(x0))
+    x = samplers.sample(name, model, x, schedule, noise, eta=0.0, callback=None, disable=True)
+
+model(x_in, t) -> eps gets the sampler's model input and a 0-dim long tensor t from schedule.timesteps;
+noise(like) returns per-image N(0, 1) draws shaped and typed like `like` (k-diffusion's noise_sampler), e.g.
+`lambda like: sdcore.noise.randn(generators, like.shape[1:], torch.float32, like.device).to(like.dtype)`;
+callback(step, total, x) runs after every step, step = 1..total. A new sampler is one function in sampling.py
+and one line in SAMPLERS (and its name in sdcore.params.SAMPLERS).
 """
 
-from .ddim import DDIM
-from .ddpm import DDPM
-from .dpmpp_2m import DPMSolverPP2M
-from .euler_a import EulerAncestral
-from .schedule import MAX_STEPS, Plan
+from collections.abc import Callable
+from typing import NamedTuple
 
-NAMES = ("ddpm", "ddim", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+import torch
+from torch import Tensor
+from tqdm import tqdm
 
-__all__ = ["MAX_STEPS", "NAMES", "Plan", "create"]
+from sdcore import params
+from sdcore.errors import InvalidField
+
+from .sampling import sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler_ancestral
+from .schedules import Schedule, Space, dpm_solver_schedule, karras_schedule, leading_schedule
+
+__all__ = ["SAMPLERS", "Sampler", "Schedule", "sample", "schedule"]
 
 
-def create(name: str, steps: int, eta: float = 0.0, strength: float = 1.0) -> Plan:
-    """A new plan running `steps` steps of sampler `name`; strength < 1 (img2img) runs only the last
-    int(steps * strength) of them, as diffusers' StableDiffusionImg2ImgPipeline does."""
-    if name not in NAMES:
-        raise ValueError(f"sampler {name!r} is unknown; choose one of {', '.join(NAMES)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps={steps!r} is out of range: SD 1.5's schedule runs 1..{MAX_STEPS} steps")
-    if name == "ddim":
-        if not 0 <= eta <= 1:
-            raise ValueError(f"eta={eta!r} is out of range: ddim takes 0 <= eta <= 1 (0 is deterministic)")
-    elif eta != 0:
-        raise ValueError(f"eta={eta!r}: only the ddim sampler has an eta; {name} takes eta=0")
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength={strength!r} is out of range: img2img takes 0 < strength <= 1")
-    run = min(int(steps * strength), steps)
-    if run == 0:
-        raise ValueError(
-            f"strength={strength!r} with steps={steps} leaves 0 steps to run (int(steps * strength) = 0); "
-            f"raise strength to at least {1 / steps:.4g} or raise steps"
-        )
+class Sampler(NamedTuple):
+    schedule: Callable[[int], tuple[Tensor, Tensor]]  # steps -> the whole schedule's timesteps and sigmas
+    sample: Callable[..., Tensor]  # the loop, sample_x(model, x, schedule, noise, callback[, eta])
+    space: Space  # how its x holds x0 and noise: where it starts (see Schedule)
+
+
+SAMPLERS = {
+    "ddpm": Sampler(leading_schedule, sample_ddpm, "alphas_cumprod"),
+    "ddim": Sampler(leading_schedule, sample_ddim, "alphas_cumprod"),
+    "euler_a": Sampler(leading_schedule, sample_euler_ancestral, "sigma"),
+    "dpmpp_2m": Sampler(dpm_solver_schedule, sample_dpmpp_2m, "alpha_sigma"),
+    "dpmpp_2m_karras": Sampler(karras_schedule, sample_dpmpp_2m, "alpha_sigma"),
+}
+
+if SAMPLERS.keys() != params.SAMPLERS.keys():
+    # params.SAMPLERS is the list users choose from (and checks run against) without importing torch.
+    raise RuntimeError(
+        "sdcore.samplers.SAMPLERS and sdcore.params.SAMPLERS must name the same samplers; "
+        f"not implemented: {sorted(params.SAMPLERS.keys() - SAMPLERS.keys())}, "
+        f"not in params: {sorted(SAMPLERS.keys() - params.SAMPLERS.keys())}"
+    )
+
+
+def schedule(name: str, steps: int, strength: float | None = None) -> Schedule:
+    """The schedule sampler `name` runs in `steps` steps; with a strength (img2img) only its last
+    int(steps * strength) steps, as diffusers' StableDiffusionImg2ImgPipeline does."""
+    run = params.Generation(sampler=name, steps=steps, strength=strength).steps_run
+    sampler = SAMPLERS[name]
+    timesteps, sigmas = sampler.schedule(steps)
     start = steps - run
-    if name == "ddpm":
-        return DDPM(steps, start)
-    if name == "ddim":
-        return DDIM(steps, start, eta)
-    if name == "euler_a":
-        return EulerAncestral(steps, start)
-    return DPMSolverPP2M(steps, start, karras=name == "dpmpp_2m_karras")
+    sigmas = torch.cat([sigmas, torch.zeros(1)])  # the last step lands on sigma 0
+    return Schedule(name, steps, timesteps[start:], sigmas[start:], sampler.space)
+
+
+def sample(name: str, model: Callable[[Tensor, Tensor], Tensor], x: Tensor, schedule: Schedule,
+           noise: Callable[[Tensor], Tensor], eta: float = 0.0,
+           callback: Callable[[int, int, Tensor], None] | None = None, disable: bool = True) -> Tensor:
+    """x run through every step of `schedule` by sampler `name`; disable=False shows a progress bar."""
+    params.Generation(sampler=name, steps=schedule.steps, eta=eta)
+    if schedule.sampler != name:
+        raise InvalidField("schedule", f"was made for sampler {schedule.sampler}, not {name}",
+                           f"a schedule from samplers.schedule({name!r}, ...)")
+
+    def checked_noise(like: Tensor) -> Tensor:
+        # A draw for fewer images would broadcast over the batch and give images the same noise.
+        draw = noise(like)
+        if draw.shape != like.shape or draw.dtype != like.dtype:
+            raise InvalidField("noise", f"returned {draw.dtype} {tuple(draw.shape)} for {like.dtype} "
+                               f"{tuple(like.shape)}", "a function drawing one N(0, 1) sample per image, "
+                               "shaped and typed like its argument")
+        return draw
+
+    total = len(schedule.timesteps)
+    with tqdm(total=total, disable=disable, desc="sdcore", unit="step") as bar:
+        def after_step(i: int, x: Tensor) -> None:
+            bar.update()
+            if callback is not None:
+                callback(i + 1, total, x)
+
+        options = {"eta": eta} if params.SAMPLERS[name].eta else {}
+        return SAMPLERS[name].sample(model, x, schedule, checked_noise, after_step, **options)
