@@ -1,8 +1,8 @@
-"""Service-side benchmarks of issue 6: what Celery + Redis + S3 cost against `pipe.generate` in-process, how
+"""Service-side benchmarks: what Celery + Redis + S3 cost against `pipe.generate` in-process, how
 fast `sdbatch enqueue` takes 10,000 prompts, how two pinned workers scale against one, and what micro-batching
 gives in-process.
 
-    python -m bench.service [--quick] [--out bench-out/service.json]
+    python -m bench.service [--quick] [--only enqueue] [--out bench-out/service.json]
 
 Model: tiny-random (the only weights this machine has), sized so that its compute is representative: at the
 defaults (128x128, ddim, 10 steps, CFG 7.5, micro-batch 4) one batch takes ~1-1.5 s on one CPU core, so
@@ -39,6 +39,7 @@ import torch
 import sdcore
 from bench.common import PROMPT, Report
 from bench.service_fixtures import Service
+from sdcore.params import Generation, Request
 from sdcore.png import png_bytes
 from tests.fixtures_servers import console_script
 from worker.storage import open_storage
@@ -46,6 +47,7 @@ from worker.storage import open_storage
 REPO = Path(__file__).resolve().parent.parent
 ENQUEUE_PROMPTS = 10_000
 MICRO_BATCHES = (1, 2, 4, 8)
+MEASUREMENTS = ("micro_batching", "enqueue", "overhead", "scaling")
 # images per measurement: (overhead run, scaling run per worker, each micro-batch setting, enqueue repeats)
 FULL = {"overhead": 64, "scaling": 64, "micro_batching": 32, "enqueue_repeats": 3}
 QUICK = {"overhead": 8, "scaling": 8, "micro_batching": 8, "enqueue_repeats": 1}
@@ -73,7 +75,7 @@ def in_process_rate(pipe, count: int, micro_batch: int, generation: dict) -> flo
 def png_encode_s(pipe, micro_batch: int, generation: dict) -> float:
     """Seconds to encode one image as the worker stores it (sdcore.png with its settings chunk)."""
     images = pipe.generate(prompts_for(micro_batch), list(range(micro_batch)), progress=False, **generation)
-    settings = pipe.settings(PROMPT, 0, **generation)
+    settings = pipe.metadata(Request(PROMPT, 0, generation=Generation(**generation)))
     start = time.perf_counter()
     for image in images:
         png_bytes(image, settings)
@@ -192,28 +194,30 @@ def measure_scaling(service: Service, report: Report, count: int, sampling: dict
 
 
 def print_summary(summary: dict, described: str) -> None:
-    mb, enq, over, scale = (summary[k] for k in ("micro_batching", "enqueue", "overhead", "scaling"))
     print(f"\nService benchmarks ({described}; one torch thread per process)")
-    worker = over["worker_per_image_s"]
-    print(f"  overhead:  {over['service_images_per_s']:.3f} img/s through Celery+Redis+S3 vs "
-          f"{over['in_process_images_per_s']:.3f} in-process = {over['ratio']:.3f}x (target >= 0.95x); "
-          f"per image: {over['overhead_per_image_s'] * 1000:.0f} ms more than in-process "
-          f"{over['in_process_per_image_s']:.3f} s; worker generate {worker['generate_s']:.3f} s, "
-          f"PNG encode {over['png_encode_per_image_s'] * 1000:.1f} ms, "
-          f"image PUT {worker['upload_s'] * 1000:.1f} ms; the worker got {over['worker_core_share']:.2f} "
-          "of a core")
-    print(f"  enqueue:   {enq['prompts']:,} prompts ({enq['messages']:,} messages) in {enq['best_s']:.2f} s "
-          f"(best of {len(enq['walls_s'])}: {enq['walls_s']}; target <= 3 s)")
-    if "ratio" in scale:
+    if over := summary.get("overhead"):
+        worker = over["worker_per_image_s"]
+        print(f"  overhead:  {over['service_images_per_s']:.3f} img/s through Celery+Redis+S3 vs "
+              f"{over['in_process_images_per_s']:.3f} in-process = {over['ratio']:.3f}x (target >= 0.95x); "
+              f"per image: {over['overhead_per_image_s'] * 1000:.0f} ms more than in-process "
+              f"{over['in_process_per_image_s']:.3f} s; worker generate {worker['generate_s']:.3f} s, "
+              f"PNG encode {over['png_encode_per_image_s'] * 1000:.1f} ms, "
+              f"image PUT {worker['upload_s'] * 1000:.1f} ms; the worker got {over['worker_core_share']:.2f} "
+              "of a core")
+    if enq := summary.get("enqueue"):
+        print(f"  enqueue:   {enq['prompts']:,} prompts ({enq['messages']:,} messages) in "
+              f"{enq['best_s']:.2f} s (best of {len(enq['walls_s'])}: {enq['walls_s']}; target <= 3 s)")
+    if (scale := summary.get("scaling")) and "ratio" in scale:
         print(f"  scaling:   2 pinned workers {scale['two_workers_images_per_s']:.3f} img/s vs 1 pinned "
               f"{scale['one_worker_images_per_s']:.3f} = {scale['ratio']:.3f}x (target >= 1.8x); the workers "
               f"got {scale['core_share']} of a core each, {scale['ratio_per_core_received']:.2f}x per core "
               "received")
-    else:
+    elif scale:
         print(f"  scaling:   skipped ({scale['skipped']})")
-    rates = "  ".join(f"{b}: {rate:.3f} img/s ({mb['speedup_vs_1'][b]:.2f}x)"
-                      for b, rate in mb["images_per_s"].items())
-    print(f"  micro-batch (in-process): {rates}")
+    if mb := summary.get("micro_batching"):
+        rates = "  ".join(f"{b}: {rate:.3f} img/s ({mb['speedup_vs_1'][b]:.2f}x)"
+                          for b, rate in mb["images_per_s"].items())
+        print(f"  micro-batch (in-process): {rates}")
 
 
 def main() -> None:
@@ -224,7 +228,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="ddim steps (default 10)")
     parser.add_argument("--micro-batch", type=int, default=4,
                         help="micro-batch of the overhead, scaling and enqueue runs (default 4)")
+    parser.add_argument("--only", choices=MEASUREMENTS, action="append",
+                        help="run only this measurement (repeatable; default: all)")
     args = parser.parse_args()
+    only = args.only or MEASUREMENTS
 
     torch.set_num_threads(1)
     counts = QUICK if args.quick else FULL
@@ -235,14 +242,20 @@ def main() -> None:
                  f"micro-batch {args.micro_batch}")
     report = Report(args.out)
     report.data["machine"].update(load_start=os.getloadavg(), workload=described)
-    pipe = sdcore.load("tiny-random")
+    pipe = sdcore.load("tiny-random") if {"micro_batching", "overhead"} & set(only) else None
 
-    summary = {"micro_batching": measure_micro_batching(pipe, report, counts["micro_batching"], generation)}
-    with Service.running() as service:
-        summary["enqueue"] = measure_enqueue(service, report, counts["enqueue_repeats"], sampling)
-        summary["overhead"] = measure_overhead(service, pipe, report, counts["overhead"], sampling,
-                                               generation)
-        summary["scaling"] = measure_scaling(service, report, counts["scaling"], sampling)
+    summary = {}
+    if "micro_batching" in only:
+        summary["micro_batching"] = measure_micro_batching(pipe, report, counts["micro_batching"], generation)
+    if {"enqueue", "overhead", "scaling"} & set(only):
+        with Service.running() as service:
+            if "enqueue" in only:
+                summary["enqueue"] = measure_enqueue(service, report, counts["enqueue_repeats"], sampling)
+            if "overhead" in only:
+                summary["overhead"] = measure_overhead(service, pipe, report, counts["overhead"], sampling,
+                                                       generation)
+            if "scaling" in only:
+                summary["scaling"] = measure_scaling(service, report, counts["scaling"], sampling)
     report.data.update(summary=summary)
     report.data["machine"]["load_end"] = os.getloadavg()
     report.save()

@@ -100,7 +100,7 @@ def test_the_grace_period_outlasts_the_longest_micro_batch():
     pod = k8s("Deployment", "sdbatch-worker")["spec"]["template"]["spec"]
     limits = repo_config(config_of(pod["containers"][0]["command"])).limits
 
-    # batch_time_limit caps every batch's hard limit, and the soft limit sits below it (worker.tasks)
+    # batch_time_limit caps every batch's hard limit, and the soft limit sits below it (worker.messages)
     assert pod["terminationGracePeriodSeconds"] > limits.batch_time_limit
 
 

@@ -4,21 +4,27 @@ seeds are reproducible, micro-batches share their settings, and task messages ar
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 
-from worker import jobs, validate
-from worker.jobs import MessageError, PromptFileError, derive_seed, expand, micro_batches, read_prompt_file
-from worker.validate import SAMPLERS, Limits
+from sdcore import params
+from sdcore.params import Generation
+from worker import jobs, messages
+from worker.jobs import PromptFileError, derive_seed, expand, micro_batches, read_prompt_file
+from worker.messages import MessageError
+from worker.validate import Limits
 
 DEFAULTS = {"sampler": "ddim", "steps": 4, "guidance_scale": 7.5, "width": 64, "height": 64, "eta": 0.0}
+GENERATION = Generation(**DEFAULTS)
 LIMITS = Limits(max_pixels=512 * 512, max_steps=150, max_prompt_chars=2000, max_images_per_prompt=16)
 
 
 def read(tmp_path, name: str, content: str | bytes, **options):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    return read_prompt_file(path, DEFAULTS, LIMITS, **options)
+    return read_prompt_file(path, GENERATION, LIMITS, **options)
 
 
 def errors_of(tmp_path, name: str, content: str | bytes) -> list[str]:
@@ -31,7 +37,9 @@ def jsonl(record: dict) -> str:
     return json.dumps(record) + "\n"
 
 
-# Every bad input of issue 5 item 5, one line each, with the message it must produce.
+# Every kind of bad input a prompt file can hold (empty, oversized or non-text prompts, out-of-range or
+# mistyped settings, unknown keys, lines that are not JSON objects), one line each, with the message it must
+# produce.
 BAD_LINES = [
     ("empty prompt", jsonl({"prompt": ""}), "prompt: is empty or only whitespace"),
     ("whitespace prompt", jsonl({"prompt": " \t "}), "prompt: is empty or only whitespace"),
@@ -54,7 +62,9 @@ BAD_LINES = [
     ("height not multiple of 8", jsonl({"prompt": "a", "height": 65}), "height: 65 is not a multiple of 8"),
     ("width too small", jsonl({"prompt": "a", "width": 8}), "width: 8 is out of range"),
     ("8192x8192", jsonl({"prompt": "a", "width": 8192, "height": 8192}),
-     "width: 8192x8192 is 67108864 pixels, over the budget; accepted: width * height <= limits.max_pixels = "
+     "width: 8192 is out of range; accepted: an integer from 64 to 2048"),
+    ("over the pixel budget", jsonl({"prompt": "a", "width": 1024, "height": 1024}),
+     "width: 1024x1024 is 1048576 pixels, over the budget; accepted: width * height <= limits.max_pixels = "
      "262144"),
     ("guidance NaN", '{"prompt": "a", "guidance_scale": NaN}\n',
      "guidance_scale: nan is not finite; accepted: a finite number from 0 to 100"),
@@ -79,6 +89,9 @@ BAD_LINES = [
      "cfg: is not a known field; accepted: prompt, negative_prompt, seed, images, sampler, steps"),
     ("micro_batch is not per line", jsonl({"prompt": "a", "micro_batch": 2}),
      "micro_batch: is not a known field"),
+    ("strength is img2img's", jsonl({"prompt": "a", "strength": 0.5}), "strength: is not a known field"),
+    ("eta with a sampler without one", jsonl({"prompt": "a", "sampler": "ddpm", "eta": 0.5}),
+     "eta: 0.5 with sampler ddpm, which has no eta; accepted: 0, or a sampler that takes one: ddim"),
     ("not JSON", "{prompt: a}\n",
      "not valid JSON (Expecting property name enclosed in double quotes at column 2)"),
     ("not an object", "[\"a\"]\n", "a JSON list, not an object; accepted: one JSON object per line"),
@@ -181,22 +194,22 @@ def test_jsonl_fields_override_the_config_per_line(tmp_path):
 
     entries, _ = read(tmp_path, "p.jsonl", line)
 
-    assert entries[0].generation == {**DEFAULTS, "steps": 9, "sampler": "euler_a"}
+    assert entries[0].generation == Generation(**{**DEFAULTS, "steps": 9, "sampler": "euler_a"})
     assert entries[0].images == 3
 
 
 def test_csv_empty_cells_mean_not_given(tmp_path):
     entries, _ = read(tmp_path, "p.csv", "prompt,negative_prompt,seed,steps\n\"a, b\",,,\nc,blurry,5,8\n")
 
-    assert [(e.prompt, e.negative_prompt, e.seed, e.generation["steps"]) for e in entries] == \
+    assert [(e.prompt, e.negative_prompt, e.seed, e.generation.steps) for e in entries] == \
         [("a, b", "", None, 4), ("c", "blurry", 5, 8)]
 
 
 def test_shipped_examples_are_valid(tmp_path):
     for name in ("prompts.txt", "prompts.jsonl", "prompts.csv"):
-        entries, errors = read_prompt_file(f"examples/{name}", DEFAULTS, Limits())
+        entries, errors = read_prompt_file(f"examples/{name}", GENERATION, Limits())
         assert entries and not errors
-    assert len(read_prompt_file("examples/prompts.txt", DEFAULTS, Limits())[0]) >= 12
+    assert len(read_prompt_file("examples/prompts.txt", GENERATION, Limits())[0]) >= 12
 
 
 def test_job_ids_sort_in_input_order_and_name_line_and_image(tmp_path):
@@ -214,7 +227,7 @@ def test_job_ids_sort_in_input_order_and_name_line_and_image(tmp_path):
 def test_seeds_given_count_up_per_image(tmp_path):
     entries, _ = read(tmp_path, "p.jsonl", jsonl({"prompt": "a", "seed": 2**64 - 3, "images": 3}))
 
-    assert [job.seed for job in expand(entries, base_seed=0)] == [2**64 - 3, 2**64 - 2, 2**64 - 1]
+    assert [job.request.seed for job in expand(entries, base_seed=0)] == [2**64 - 3, 2**64 - 2, 2**64 - 1]
 
 
 def test_derived_seeds_are_reproducible_and_depend_on_base_seed_line_and_image(tmp_path):
@@ -222,19 +235,19 @@ def test_derived_seeds_are_reproducible_and_depend_on_base_seed_line_and_image(t
 
     first, again, other = expand(entries, 1), expand(entries, 1), expand(entries, 2)
 
-    assert [j.seed for j in first] == [j.seed for j in again]
-    assert len({j.seed for j in first}) == 4
-    assert all(a.seed != b.seed for a, b in zip(first, other, strict=True))
-    assert first[0].seed == derive_seed(1, 1, 0) == 689_131_844  # pinned: a changed hash breaks reruns
-    assert all(0 <= j.seed < 2**32 for j in first)
+    assert [j.request.seed for j in first] == [j.request.seed for j in again]
+    assert len({j.request.seed for j in first}) == 4
+    assert all(a.request.seed != b.request.seed for a, b in zip(first, other, strict=True))
+    assert first[0].request.seed == derive_seed(1, 1, 0) == 689_131_844  # pinned: a new hash breaks reruns
+    assert all(0 <= j.request.seed < 2**32 for j in first)
 
 
 def test_a_lines_seed_does_not_depend_on_other_lines(tmp_path):
     alone, _ = read(tmp_path, "a.txt", "x\ny\n")
     with_more, _ = read(tmp_path, "b.txt", "extra line\n\nx\ny\n", skip_invalid=True)
 
-    assert expand(alone, 0)[1].seed == derive_seed(0, 2, 0)
-    assert expand(with_more, 0)[2].seed == derive_seed(0, 4, 0)
+    assert expand(alone, 0)[1].request.seed == derive_seed(0, 2, 0)
+    assert expand(with_more, 0)[2].request.seed == derive_seed(0, 4, 0)
 
 
 def test_micro_batches_share_settings_keep_input_order_and_respect_the_size(tmp_path):
@@ -243,9 +256,9 @@ def test_micro_batches_share_settings_keep_input_order_and_respect_the_size(tmp_
 
     batches = micro_batches(expand(entries, 0), size=3)
 
-    assert [[job.prompt for job in batch] for batch in batches] == [
+    assert [[job.request.prompt for job in batch] for batch in batches] == [
         ["p0", "p3", "p6"], ["p1", "p2", "p4"], ["p5", "p7", "p8"], ["p9"]]
-    assert all(len({tuple(job.generation().values()) for job in batch}) == 1 for batch in batches)
+    assert all(len({job.request.generation for job in batch}) == 1 for batch in batches)
 
 
 def test_a_run_record_round_trips_every_job(tmp_path):
@@ -257,31 +270,32 @@ def test_a_run_record_round_trips_every_job(tmp_path):
     assert back == made and header["run_id"] == "r1" and header["base_seed"] == 0
 
 
-def test_samplers_accepted_are_exactly_sdcores():
-    from sdcore.samplers import NAMES
-
-    assert SAMPLERS == NAMES
-
-
-def test_sizes_and_steps_accepted_are_within_what_sdcore_generates():
-    from sdcore import pipeline, samplers
-
-    assert (validate.MIN_SIDE, validate.MAX_SIDE) == (pipeline.MIN_SIZE, pipeline.MAX_SIZE)
-    assert Limits().max_steps <= samplers.MAX_STEPS
+def test_the_default_step_limit_is_within_what_sdcore_runs():
+    assert Limits().max_steps <= params.MAX_STEPS
 
 
 # --- task messages: checked again in the worker -------------------------------------------------------------
 
+def test_the_enqueue_side_imports_neither_torch_nor_the_task_module():
+    probe = ("import sys, worker.client, worker.cli; "
+             "print(sorted({'torch', 'worker.tasks'} & sys.modules.keys()))")
+
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+
+    assert imported.stdout.strip() == "[]"
+
+
 def message(tmp_path, **changes) -> dict:
     entries, _ = read(tmp_path, "p.txt", "a\nb\n")
-    return {**jobs.to_message("run-1", expand(entries, 0)), **changes}
+    return {**messages.to_message("run-1", expand(entries, 0)), **changes}
 
 
 def test_a_message_round_trips_its_jobs(tmp_path):
     entries, _ = read(tmp_path, "p.txt", "a\nb\n")
     made = expand(entries, 0)
 
-    run_id, back, rejected = jobs.from_message(json.loads(json.dumps(jobs.to_message("run-1", made))), LIMITS)
+    run_id, back, rejected = messages.from_message(json.loads(json.dumps(messages.to_message("run-1", made))),
+                                                   LIMITS)
 
     assert (run_id, back, rejected) == ("run-1", made, [])
 
@@ -299,7 +313,7 @@ def test_a_message_round_trips_its_jobs(tmp_path):
 ])
 def test_an_unusable_message_is_refused_whole(tmp_path, changes, expected):
     with pytest.raises(MessageError, match=None) as refused:
-        jobs.from_message(message(tmp_path, **changes), LIMITS)
+        messages.from_message(message(tmp_path, **changes), LIMITS)
 
     assert expected in str(refused.value)
 
@@ -307,7 +321,7 @@ def test_an_unusable_message_is_refused_whole(tmp_path, changes, expected):
 @pytest.mark.parametrize("raw", [None, [1, 2], "text", 3.5])
 def test_a_message_that_is_not_an_object_is_refused(raw):
     with pytest.raises(MessageError, match="accepted: a JSON object"):
-        jobs.from_message(raw, LIMITS)
+        messages.from_message(raw, LIMITS)
 
 
 def test_a_bad_job_is_rejected_alone_and_its_neighbours_kept(tmp_path):
@@ -315,7 +329,7 @@ def test_a_bad_job_is_rejected_alone_and_its_neighbours_kept(tmp_path):
     bad["jobs"][0] = {**bad["jobs"][0], "prompt": "a\x00b"}
     bad["jobs"].append({"job_id": "../../etc", "prompt": "x"})
 
-    run_id, kept, rejected = jobs.from_message(bad, LIMITS)
+    run_id, kept, rejected = messages.from_message(bad, LIMITS)
 
     assert [job.job_id for job in kept] == ["0000002-000"]
     assert rejected[0] == ("0000001-000",
@@ -324,7 +338,7 @@ def test_a_bad_job_is_rejected_alone_and_its_neighbours_kept(tmp_path):
     assert rejected[1][0] == "" and "invalid job without a usable job_id" in rejected[1][1]
 
 
-# The bad inputs of issue 5 item 5 again, as a worker receives them from any client: a bad job field rejects
+# The bad inputs above again, as a worker receives them from any client: a bad job field rejects
 # that job alone (its neighbours run), a bad generation setting refuses the whole micro-batch message.
 BAD_JOB_FIELDS = [
     ("prompt", "", "prompt: is empty or only whitespace"),
@@ -352,14 +366,17 @@ BAD_GENERATION = [
     ({"steps": "20"}, "steps: '20' is a str"),
     ({"width": 100}, "width: 100 is not a multiple of 8"),
     ({"height": 65}, "height: 65 is not a multiple of 8"),
-    ({"width": 8192, "height": 8192}, "width: 8192x8192 is 67108864 pixels, over the budget"),
+    ({"width": 8192, "height": 8192}, "width: 8192 is out of range; accepted: an integer from 64 to 2048"),
+    ({"width": 1024, "height": 1024}, "width: 1024x1024 is 1048576 pixels, over the budget"),
     ({"guidance_scale": math.nan}, "guidance_scale: nan is not finite"),
     ({"guidance_scale": -math.inf}, "guidance_scale: -inf is not finite"),
     ({"guidance_scale": "7"}, "guidance_scale: '7' is a str"),
     ({"sampler": "k_lms"}, "sampler: 'k_lms' is not a known sampler; accepted: ddpm, ddim"),
     ({"sampler": None}, "sampler: None is not a known sampler"),
     ({"eta": 2}, "eta: 2 is out of range"),
+    ({"eta": 0.5, "sampler": "euler_a"}, "eta: 0.5 with sampler euler_a, which has no eta"),
     ({"cfg": 7}, "generation: does not hold exactly the generation settings"),
+    ({"strength": 0.5}, "generation: does not hold exactly the generation settings"),
 ]
 
 
@@ -369,7 +386,7 @@ def test_the_worker_rejects_a_job_with_a_bad_field_alone(tmp_path, field, value,
     bad = message(tmp_path)
     bad["jobs"][0] = {**bad["jobs"][0], field: value}
 
-    _, kept, rejected = jobs.from_message(json.loads(json.dumps(bad)), LIMITS)  # as it comes off the wire
+    _, kept, rejected = messages.from_message(json.loads(json.dumps(bad)), LIMITS)  # as it comes off the wire
 
     assert [job.job_id for job in kept] == ["0000002-000"]
     assert rejected == [("0000001-000", rejected[0][1])] and expected in rejected[0][1]
@@ -380,7 +397,7 @@ def test_the_worker_rejects_a_job_with_unknown_or_missing_keys_alone(tmp_path):
     bad["jobs"][0] = {**bad["jobs"][0], "steps": 999}
     del bad["jobs"][1]["seed"]
 
-    _, kept, rejected = jobs.from_message(bad, LIMITS)
+    _, kept, rejected = messages.from_message(bad, LIMITS)
 
     assert kept == [] and [job_id for job_id, _ in rejected] == ["0000001-000", "0000002-000"]
     assert all("job: does not hold exactly the job fields" in reason for _, reason in rejected)
@@ -393,7 +410,7 @@ def test_the_worker_refuses_a_message_with_a_bad_generation_setting(tmp_path, ch
     bad["generation"] = {**bad["generation"], **changes}
 
     with pytest.raises(MessageError) as refused:
-        jobs.from_message(bad, LIMITS)
+        messages.from_message(bad, LIMITS)
 
     assert expected in str(refused.value)
 
@@ -403,12 +420,8 @@ def test_the_worker_checks_every_field_the_enqueue_side_checks():
     enqueue_side = {field.match(case[2])[1] for case in BAD_LINES if field.match(case[2])}
     worker_side = {case[0] for case in BAD_JOB_FIELDS} | {field.match(case[1])[1] for case in BAD_GENERATION}
 
-    # `images` is a count at enqueue (a message has one job per image); unknown keys refuse the message whole
-    assert enqueue_side - worker_side == {"images", "cfg", "micro_batch"}
+    # `images` is a count at enqueue (a message has one job per image); unknown keys (strength among them: the
+    # worker makes txt2img only) refuse the message whole
+    assert enqueue_side - worker_side == {"images", "cfg", "micro_batch", "strength"}
     assert len(BAD_JOB_FIELDS) + len(BAD_GENERATION) >= 30
 
-
-def test_max_steps_is_sdcores():
-    from sdcore import samplers
-
-    assert validate.MAX_STEPS == samplers.MAX_STEPS

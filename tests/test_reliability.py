@@ -1,7 +1,7 @@
-"""Reliability and security of the batch service (issue 5), against real Redis, SeaweedFS and worker
-processes: faults of the store and the broker mid-run, batches past their time limit, NaN images, Redis losing
-everything, and credentials that never leak. test_chaos.py kills workers; test_jobs.py holds the bad-input
-tables; test_worker_celery.py the poison messages."""
+"""Reliability and security of the batch service (no image lost or counted twice, no secret leaked), against
+real Redis, SeaweedFS and worker processes: faults of the store and the broker mid-run, batches past their
+time limit, NaN images, Redis losing everything, and credentials that never leak. test_chaos.py kills
+workers; test_jobs.py holds the bad-input tables; test_worker_celery.py the poison messages."""
 
 import contextlib
 import io
@@ -24,10 +24,11 @@ from PIL import Image
 from tests.fixtures_servers import sdbatch_env, wait_for
 from worker import cli, client, progress
 from worker.app import RedisTransport, make_app
+from worker.batch import NON_FINITE, BatchRunner, load_pipeline, process
 from worker.config import load_config
-from worker.jobs import run_record, to_message
+from worker.jobs import run_record
+from worker.messages import TASK_NAME, to_message
 from worker.storage import LocalStorage, S3Storage
-from worker.tasks import NON_FINITE, TASK_NAME, BatchRunner, load_pipeline, process
 
 pytest_plugins = ["tests.fixtures_servers"]
 

@@ -18,8 +18,8 @@ from tests.fixtures_servers import sdbatch_env, wait_for
 from worker import client, progress
 from worker.app import make_app
 from worker.config import load_config
+from worker.messages import TASK_NAME
 from worker.storage import S3Storage
-from worker.tasks import TASK_NAME
 
 pytestmark = pytest.mark.integration
 pytest_plugins = ["tests.fixtures_servers"]

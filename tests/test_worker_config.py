@@ -33,13 +33,13 @@ def test_demo_config_is_the_embedded_tiny_cpu_setup():
     assert (settings.model.checkpoint, settings.model.device, settings.model.precision) == \
         ("tiny-random", "cpu", "fp32")
     assert settings.storage.url == "file://./outputs"
-    assert settings.sampling.width * settings.sampling.height <= 128 * 128
+    assert settings.sampling.generation.width * settings.sampling.generation.height <= 128 * 128
 
 
 def test_a_minimal_config_gets_the_documented_defaults(tmp_path):
     settings = load_config(write(tmp_path, MINIMAL), environ={})
 
-    assert settings.sampling.sampler == "ddpm" and settings.sampling.steps == 50
+    assert settings.sampling.generation.sampler == "ddpm" and settings.sampling.generation.steps == 50
     assert settings.broker.queue == "sdbatch"
     assert settings.limits.max_pixels == 1024 * 1024
 
@@ -48,7 +48,7 @@ def test_settings_are_frozen(tmp_path):
     settings = load_config(write(tmp_path, MINIMAL), environ={})
 
     with pytest.raises(dataclasses.FrozenInstanceError):
-        settings.sampling.steps = 3
+        settings.sampling.generation.steps = 3
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -73,6 +73,7 @@ def test_settings_are_frozen(tmp_path):
     (MINIMAL + "sampling: {stpes: 20}\n",
      "sampling.stpes: is not a known key; accepted: sampler, steps, guidance_scale, width, height, eta, "
      "micro_batch, seed"),
+    (MINIMAL + "sampling: {strength: 0.5}\n", "sampling.strength: is not a known key"),  # txt2img only
     (MINIMAL + "sampling: {steps: 0}\n",
      "sampling.steps: 0 is out of range; accepted: an integer from 1 to 500"),
     (MINIMAL + "sampling: {steps: '20'}\n", "sampling.steps: '20' is a str; accepted: an integer"),
@@ -89,6 +90,8 @@ def test_settings_are_frozen(tmp_path):
      "sampling.width: 1024x1024 is 1048576 pixels, over the budget; accepted: width * height <= "
      "limits.max_pixels = 262144"),
     (MINIMAL + "limits: {max_steps: -1}\n", "limits.max_steps: -1 is out of range"),
+    (MINIMAL + "limits: {max_steps: 20}\n",  # sdcore's default of 50 steps is over this deployment's limit
+     "sampling.steps: 50 is out of range; accepted: an integer from 1 to 20"),
     (MINIMAL + "limits: {max_gpus: 2}\n",
      "limits.max_gpus: is not a known key; accepted: max_pixels, max_steps"),
     (MINIMAL + "broker: {url: 'amqp://localhost'}\n",

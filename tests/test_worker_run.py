@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from sdcore.params import Generation, Request
+from worker.batch import BatchRunner, load_pipeline, process
 from worker.config import load_config
-from worker.jobs import Job, MessageError, to_message
+from worker.jobs import Job
+from worker.messages import MessageError, to_message
 from worker.storage import LocalStorage
-from worker.tasks import BatchRunner, load_pipeline, process
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [line for line in (REPO / "examples" / "prompts.txt").read_text().split("\n") if line.strip()]
@@ -58,7 +60,7 @@ def test_demo_run_metadata_matches_each_input_line(demo_run):
         assert meta["prompt"] == png["prompt"] == lines[meta["line"] - 1]
         assert meta["job_id"] == png["job_id"] == f"{meta['line']:07d}-000"
         assert (meta["steps"], meta["sampler"], meta["width"], meta["height"]) == \
-            (settings.sampling.steps, settings.sampling.sampler, 64, 64)
+            (settings.sampling.generation.steps, settings.sampling.generation.sampler, 64, 64)
         assert meta["seed"] == png["seed"] and meta["run_id"] == png["run_id"] == "demo"
         assert meta["random_model"] is png["random_model"] is True  # tiny-random says so everywhere
 
@@ -121,15 +123,32 @@ def pipe():
 
 
 def jobs_of(seeds: list[int]) -> list[Job]:
-    return [Job(f"{n + 1:07d}-000", n, n + 1, 0, f"prompt {n}", "", seed, "ddim", 2, 7.5, 64, 64, 0.0)
+    generation = Generation("ddim", 2, 7.5, 64, 64, 0.0)
+    return [Job(f"{n + 1:07d}-000", n, n + 1, 0, Request(f"prompt {n}", seed, "", generation))
             for n, seed in enumerate(seeds)]
+
+
+class FailingOn:
+    """The pipeline, except that a pass holding `seed` raises (as a CUDA error would): sdcore refuses a bad
+    request when it is made, so no request a job can hold makes the real pipeline raise."""
+
+    def __init__(self, pipe, seed: int):
+        self.pipe, self.seed = pipe, seed
+
+    def run(self, requests, **options):
+        if any(request.seed == self.seed for request in requests):
+            raise RuntimeError(f"seed {self.seed}: CUDA error: an illegal memory access")
+        return self.pipe.run(requests, **options)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
 
 
 def test_a_job_that_raises_fails_alone_and_its_neighbours_are_written(pipe, tmp_path):
     store, recorder = LocalStorage(tmp_path), Recorder()
-    batch = jobs_of([1, 2**64, 3])  # a seed no generator takes: only a hand-made job can carry it
+    batch = jobs_of([1, 2, 3])
 
-    BatchRunner(pipe, store, "test@host").run("r", batch, recorder)
+    BatchRunner(FailingOn(pipe, seed=2), store, "test@host").run("r", batch, recorder)
 
     assert recorder.finished == ["0000001-000", "0000003-000"]
     assert list(recorder.failures) == ["0000002-000"] and "seed" in recorder.failures["0000002-000"]

@@ -1,7 +1,8 @@
 """The Celery app. `celery -A worker.app worker|flower|inspect ...` builds it from the config file named by
 $SDBATCH_CONFIG (`sdbatch worker --config CFG` sets it); clients build their own with `make_app(settings)`.
 
-Delivery guarantees (issue 5) come from these settings and from the transport below:
+Delivery guarantees (no message is lost to a killed worker, a restarted Redis or a malformed message, and a
+message only runs twice where that is harmless) come from these settings and from the transport below:
 - json only, both ways (`accept_content`): no pickle on the wire, a pickled message is refused unread;
 - `task_acks_late` + `task_reject_on_worker_lost`: a message is acknowledged after its images are stored;
   if the pool process dies mid-batch the message goes straight back to the queue;
@@ -28,7 +29,7 @@ from celery import Celery
 from kombu.transport import redis as kombu_redis
 
 from worker.config import Settings, from_env
-from worker.tasks import soft_limit
+from worker.messages import soft_limit
 
 log = logging.getLogger(__name__)
 RESTORE_INTERVAL_S = 5
@@ -95,6 +96,9 @@ class RecoveringChannel(kombu_redis.Channel):
 
 
 class RedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport with the channel above. QoS.append, Channel.__init__ and _brpop_read are
+    kombu 5.7's private methods (pinned in pyproject.toml): check them again before allowing another kombu."""
+
     Channel = RecoveringChannel
 
 
@@ -144,6 +148,7 @@ def celery_config(settings: Settings) -> dict:
 
 
 def make_app(settings: Settings) -> Celery:
+    # `include` names the task module only: a worker imports it when it starts, a client never does
     app = Celery("sdbatch", include=["worker.tasks"], set_as_current=False)
     app.conf.update(celery_config(settings))
     return app

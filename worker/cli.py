@@ -98,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args, settings: Settings) -> int:
     from tqdm import tqdm
 
+    from worker.batch import BatchRunner, load_pipeline, process
     from worker.client import prepare
-    from worker.jobs import micro_batches, run_record, to_message
+    from worker.jobs import micro_batches, run_record
+    from worker.messages import to_message
     from worker.storage import open_storage
-    from worker.tasks import BatchRunner, load_pipeline, process
 
     run_id, jobs, errors, header = prepare(args.prompts, settings, args.run_id, args.images_per_prompt,
                                            args.seed, args.skip_invalid)

@@ -17,6 +17,8 @@ import time
 import redis
 from kombu.exceptions import OperationalError
 
+from sdcore.errors import InvalidField
+from sdcore.params import MAX_SEED, check_int
 from worker import progress
 from worker.app import make_app
 from worker.config import Settings, load_config, redact_url
@@ -30,11 +32,10 @@ from worker.jobs import (
     read_prompt_file,
     read_run_record,
     run_record,
-    to_message,
 )
+from worker.messages import TASK_NAME, time_limits, to_message
 from worker.storage import open_storage
-from worker.tasks import TASK_NAME, time_limits
-from worker.validate import InvalidField, check_run_id, check_seed
+from worker.validate import check_run_id
 
 # what redis-py and kombu raise when Redis is down or refuses us (their messages carry no password)
 BROKER_ERRORS = (redis.RedisError, OperationalError)
@@ -57,10 +58,10 @@ def prepare(prompts, settings: Settings, run_id: str | None = None, images_per_p
     """Parse and check the input; returns (run id, jobs, errors of skipped lines, run header)."""
     try:
         run_id = check_run_id(run_id) if run_id is not None else new_run_id()
-        base_seed = check_seed("--seed", seed) if seed is not None else settings.sampling.seed
+        base_seed = check_int("--seed", seed, 0, MAX_SEED) if seed is not None else settings.sampling.seed
     except InvalidField as error:
         raise RunError(str(error)) from None
-    defaults, limits = settings.generation(), settings.limits
+    defaults, limits = settings.sampling.generation, settings.limits
     if isinstance(prompts, str | os.PathLike):
         entries, errors = read_prompt_file(prompts, defaults, limits, images_per_prompt, skip_invalid)
     else:
@@ -110,7 +111,7 @@ def send(settings: Settings, run_id: str, jobs: list[Job]) -> int:
     app = make_app(settings)
     with app.producer_or_acquire() as producer:
         for batch in batches:
-            soft, hard = time_limits(batch[0].generation(), len(batch), settings.limits)
+            soft, hard = time_limits(batch[0].request.generation, len(batch), settings.limits)
             # A short argsrepr (what Flower and the task-sent event show) instead of Celery's saferepr of the
             # whole message: that repr took ~20 % of an enqueue and made every message twice its size.
             summary = f"[run {run_id}: {len(batch)} jobs, {batch[0].job_id}..{batch[-1].job_id}]"

@@ -2,6 +2,7 @@
 
     model:    {checkpoint: PATH | tiny-random, precision: fp32|fp16|bf16, device: auto|cpu|cuda, winograd}
     sampling: {sampler, steps, guidance_scale, width, height, eta, micro_batch, seed}
+              (sdcore.params.Generation's fields but img2img's strength, with its defaults and checks)
     broker:   {url: redis://[:PASSWORD@]HOST:PORT/DB | rediss://..., queue}
     storage:  {url: s3://BUCKET/PREFIX | file:///DIR | file://./DIR, endpoint_url}
     limits:   {max_pixels, max_steps, max_prompt_chars, max_images_per_prompt, max_jobs_per_run,
@@ -22,17 +23,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from worker.validate import (
-    MAX_STEPS,
-    InvalidField,
-    Limits,
-    check_float,
-    check_generation,
-    check_int,
-    check_seed,
-)
+from sdcore.errors import InvalidField
+from sdcore.params import MAX_SEED, MAX_STEPS, PRECISIONS, Generation, check_float, check_int
+from worker.validate import GENERATION_FIELDS, MAX_MICRO_BATCH, Limits, check_generation
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 BROKER_SCHEMES = ("redis", "rediss")
 QUEUE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -55,12 +49,9 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    sampler: str = "ddpm"
-    steps: int = 50
-    guidance_scale: float = 7.5
-    width: int = 512
-    height: int = 512
-    eta: float = 0.0
+    """`sampling:` holds the Generation fields (worker.validate.GENERATION_FIELDS) side by side with these."""
+
+    generation: Generation = field(default_factory=Generation)  # what a prompt-file line may override
     micro_batch: int = 4
     seed: int = 0  # the run's base seed when neither the prompt file nor --seed gives one
 
@@ -85,12 +76,6 @@ class Settings:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     limits: Limits = field(default_factory=Limits)
-
-    def generation(self) -> dict:
-        """The config's generation settings (what a prompt-file line may override)."""
-        s = self.sampling
-        return {"sampler": s.sampler, "steps": s.steps, "guidance_scale": s.guidance_scale,
-                "width": s.width, "height": s.height, "eta": s.eta}
 
 
 SECTIONS = {"model": ModelSettings, "sampling": SamplingSettings, "broker": BrokerSettings,
@@ -157,6 +142,8 @@ def _section(name: str, values: object) -> dict:
     if not isinstance(values, dict):
         raise InvalidField(name, f"is a {type(values).__name__}", "a mapping of keys to values")
     keys = [f.name for f in dataclasses.fields(SECTIONS[name])]
+    if name == "sampling":  # flat in the file: its generation's fields sit next to micro_batch and seed
+        keys = [*GENERATION_FIELDS, *(key for key in keys if key != "generation")]
     unknown = sorted(set(values) - set(keys), key=str)
     if unknown:
         raise InvalidField(f"{name}.{unknown[0]}", "is not a known key", ", ".join(keys))
@@ -207,14 +194,15 @@ def _model(values: dict) -> ModelSettings:
 
 
 def _sampling(values: dict, limits: Limits) -> SamplingSettings:
-    merged = {**dataclasses.asdict(SamplingSettings()), **values}
+    defaults = SamplingSettings()
     try:
-        generation = check_generation(merged, limits)
+        generation = check_generation({k: v for k, v in values.items() if k in GENERATION_FIELDS}, limits)
     except InvalidField as error:
         raise error.under("sampling") from None
-    micro_batch = check_int("sampling.micro_batch", merged["micro_batch"], 1, 256)
-    seed = check_seed("sampling.seed", merged["seed"])
-    return SamplingSettings(**generation, micro_batch=micro_batch, seed=seed)
+    micro_batch = check_int("sampling.micro_batch", values.get("micro_batch", defaults.micro_batch), 1,
+                            MAX_MICRO_BATCH)
+    seed = check_int("sampling.seed", values.get("seed", defaults.seed), 0, MAX_SEED)
+    return SamplingSettings(generation, micro_batch=micro_batch, seed=seed)
 
 
 def _check_broker(broker: BrokerSettings, environ) -> None:

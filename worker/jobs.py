@@ -1,11 +1,12 @@
-"""Prompt files -> validated jobs -> micro-batches -> task messages.
+"""Prompt files -> validated jobs -> micro-batches, and the run record that lets a run be rebuilt.
 
 Prompt files (UTF-8; the extension picks the format):
 - `.txt`: one prompt a line. Blank lines (empty or only whitespace) are skipped, so files can be spaced out
   freely; every other line is a prompt taken verbatim. There is no comment syntax: `#` is legal in prompts.
 - `.jsonl`: one JSON object a line (blank lines skipped): `prompt` (required), `negative_prompt`, `seed`,
-  `images`, and any of the generation settings `sampler steps guidance_scale width height eta`, which override
-  the config for that line. Unknown keys are refused.
+  `images`, and any generation setting (worker.validate.GENERATION_FIELDS: the fields of
+  sdcore.params.Generation such as sampler, steps, width, but img2img's strength), which override the config
+  for that line. Unknown keys are refused.
 - `.csv`: a header row naming any of the `.jsonl` keys (`prompt` required); empty cells mean "not given".
 
 Every line is checked before anything is enqueued; every bad line is reported with its number and reason.
@@ -26,28 +27,17 @@ import json
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from worker.validate import (
-    GENERATION_FIELDS,
-    SEED_MAX,
-    InvalidField,
-    Limits,
-    check_generation,
-    check_int,
-    check_job_id,
-    check_run_id,
-    check_seed,
-    check_text,
-)
+from sdcore.errors import InvalidField
+from sdcore.params import MAX_SEED, Generation, Request, check_int, parse_text
+from worker.validate import GENERATION_FIELDS, Limits, check_generation, check_prompts
 
 FORMATS = (".txt", ".jsonl", ".csv")
 RECORD_FIELDS = ("prompt", "negative_prompt", "seed", "images", *GENERATION_FIELDS)
-INT_FIELDS = ("seed", "images", "steps", "width", "height")
-FLOAT_FIELDS = ("guidance_scale", "eta")
-MESSAGE_VERSION = 1
+RECORD_INT_FIELDS = ("seed", "images")  # the record's own numbers; a Generation field's type is its own
+RUN_RECORD_VERSION = 1
 ONE_OBJECT = "one JSON object per line"
-JOB_FIELDS = ("job_id", "index", "line", "image", "prompt", "negative_prompt", "seed")
 
 
 class PromptFileError(ValueError):
@@ -56,10 +46,6 @@ class PromptFileError(ValueError):
     def __init__(self, errors: list[str]):
         self.errors = errors
         super().__init__(f"{len(errors)} invalid line(s):\n" + "\n".join(errors))
-
-
-class MessageError(ValueError):
-    """A task message that cannot be processed at all (not a dict, unknown version, bad envelope)."""
 
 
 @dataclass(frozen=True)
@@ -71,37 +57,33 @@ class Entry:
     negative_prompt: str
     seed: int | None
     images: int
-    generation: dict
+    generation: Generation
 
 
 @dataclass(frozen=True)
 class Job:
-    """One image to make."""
+    """One image to make: what sdcore makes it from, and where it sits in its run."""
 
     job_id: str
     index: int  # position in the run, 0-based
     line: int
     image: int
-    prompt: str
-    negative_prompt: str
-    seed: int
-    sampler: str
-    steps: int
-    guidance_scale: float
-    width: int
-    height: int
-    eta: float
-
-    def generation(self) -> dict:
-        return {name: getattr(self, name) for name in GENERATION_FIELDS}
+    request: Request
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Flat, as the run record holds it: the ids, then the request's fields (Request.to_dict)."""
+        return {"job_id": self.job_id, "index": self.index, "line": self.line, "image": self.image,
+                **self.request.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Job:
+        return cls(values["job_id"], values["index"], values["line"], values["image"],
+                   Request.from_dict(values))
 
 
 # --- reading and checking input -----------------------------------------------------------------------------
 
-def read_prompt_file(path: str | os.PathLike, defaults: dict, limits: Limits, images: int = 1,
+def read_prompt_file(path: str | os.PathLike, defaults: Generation, limits: Limits, images: int = 1,
                      skip_invalid: bool = False) -> tuple[list[Entry], list[str]]:
     """Parse and check every line of `path`. Returns (valid entries, errors of skipped lines); raises
     PromptFileError listing every bad line unless `skip_invalid`."""
@@ -117,7 +99,7 @@ def read_prompt_file(path: str | os.PathLike, defaults: dict, limits: Limits, im
     return check_records(records, path, defaults, limits, images, skip_invalid)
 
 
-def check_records(records, source: str, defaults: dict, limits: Limits, images: int = 1,
+def check_records(records, source: str, defaults: Generation, limits: Limits, images: int = 1,
                   skip_invalid: bool = False) -> tuple[list[Entry], list[str]]:
     """Check (line, record-dict or error message) pairs; see read_prompt_file."""
     entries, errors = [], []
@@ -141,25 +123,23 @@ def check_records(records, source: str, defaults: dict, limits: Limits, images: 
     return entries, errors
 
 
-def check_record(line: int, record: dict, defaults: dict, limits: Limits, images: int = 1) -> Entry:
+def check_record(line: int, record: dict, defaults: Generation, limits: Limits, images: int = 1) -> Entry:
     """One input record (a dict of RECORD_FIELDS) checked against the limits, config defaults filled in."""
     unknown = [key for key in record if key not in RECORD_FIELDS]
     if unknown:
         raise InvalidField(str(unknown[0]), "is not a known field", ", ".join(RECORD_FIELDS))
     if "prompt" not in record:
         raise InvalidField("prompt", "is missing", "every record has a prompt")
-    prompt = check_text("prompt", record["prompt"], limits.max_prompt_chars, allow_blank=False)
-    negative = check_text("negative_prompt", record.get("negative_prompt", ""), limits.max_prompt_chars,
-                          allow_blank=True)
+    prompt, negative = record["prompt"], record.get("negative_prompt", "")
+    check_prompts(prompt, negative, limits)
     count = check_int("images", record.get("images", images), 1, limits.max_images_per_prompt)
     seed = record.get("seed")
     if seed is not None:
-        seed = check_seed("seed", seed)
-        if seed + count - 1 > SEED_MAX:
+        seed = check_int("seed", seed, 0, MAX_SEED)
+        if seed + count - 1 > MAX_SEED:
             raise InvalidField("seed", f"{seed} + {count - 1} (one seed per image) passes 2**64-1",
-                               f"a seed from 0 to {SEED_MAX - count + 1} for {count} images")
-    generation = check_generation({**defaults, **{k: record[k] for k in GENERATION_FIELDS if k in record}},
-                                  limits)
+                               f"a seed from 0 to {MAX_SEED - count + 1} for {count} images")
+    generation = check_generation({k: record[k] for k in GENERATION_FIELDS if k in record}, limits, defaults)
     return Entry(line, prompt, negative, seed, count, generation)
 
 
@@ -215,13 +195,13 @@ def _csv_records(text: str):
 def _csv_value(name: str, cell: str):
     # CSV cells are text; numbers are parsed here and a cell that is not one stays text, so the field check
     # reports it as the wrong type.
-    try:
-        if name in INT_FIELDS:
+    if name in GENERATION_FIELDS:
+        return parse_text(name, cell)
+    if name in RECORD_INT_FIELDS:
+        try:
             return int(cell)
-        if name in FLOAT_FIELDS:
-            return float(cell)
-    except ValueError:
-        pass
+        except ValueError:
+            pass
     return cell
 
 
@@ -247,84 +227,18 @@ def expand(entries: list[Entry], base_seed: int) -> list[Job]:
     for entry in entries:
         for image in range(entry.images):
             seed = entry.seed + image if entry.seed is not None else derive_seed(base_seed, entry.line, image)
-            jobs.append(Job(job_id(entry.line, image), len(jobs), entry.line, image, entry.prompt,
-                            entry.negative_prompt, seed, **entry.generation))
+            request = Request(entry.prompt, seed, entry.negative_prompt, entry.generation)
+            jobs.append(Job(job_id(entry.line, image), len(jobs), entry.line, image, request))
     return jobs
 
 
 def micro_batches(jobs: list[Job], size: int) -> list[list[Job]]:
-    """Jobs with identical generation settings, in chunks of at most `size`, ordered by their first job."""
-    groups: dict[tuple, list[Job]] = {}
+    """Jobs with equal generation settings, in chunks of at most `size`, ordered by their first job."""
+    groups: dict[Generation, list[Job]] = {}
     for job in jobs:
-        groups.setdefault(tuple(job.generation().values()), []).append(job)
+        groups.setdefault(job.request.generation, []).append(job)
     batches = [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
     return sorted(batches, key=lambda batch: batch[0].index)
-
-
-# --- task messages ------------------------------------------------------------------------------------------
-
-def to_message(run_id: str, batch: list[Job]) -> dict:
-    """The JSON task message for one micro-batch (all jobs share the batch's generation settings)."""
-    return {"version": MESSAGE_VERSION, "run_id": run_id, "generation": batch[0].generation(),
-            "jobs": [{name: getattr(job, name) for name in JOB_FIELDS} for job in batch]}
-
-
-def from_message(message: object, limits: Limits) -> tuple[str, list[Job], list[tuple[str, str]]]:
-    """Check a task message from any client. Returns (run_id, valid jobs, [(job_id, reason)] of bad jobs
-    whose id is readable); raises MessageError when the message as a whole is unusable."""
-    if not isinstance(message, dict):
-        raise MessageError(f"message is a {type(message).__name__}; accepted: a JSON object")
-    if message.get("version") != MESSAGE_VERSION:
-        raise MessageError(f"version {message.get('version')!r} is not supported; "
-                           f"accepted: {MESSAGE_VERSION}")
-    if sorted(message) != sorted(("version", "run_id", "generation", "jobs")):
-        raise MessageError(f"message keys {sorted(message)}; accepted: version, run_id, generation, jobs")
-    try:
-        run_id = check_run_id(message["run_id"])
-        generation = message["generation"]
-        if not isinstance(generation, dict) or set(generation) != set(GENERATION_FIELDS):
-            raise InvalidField("generation", "does not hold exactly the generation settings",
-                               ", ".join(GENERATION_FIELDS))
-        generation = check_generation(generation, limits)
-    except InvalidField as error:
-        raise MessageError(str(error)) from None
-    if not isinstance(message["jobs"], list) or not 1 <= len(message["jobs"]) <= 256:
-        raise MessageError("jobs: not a list of 1 to 256 jobs; accepted: the jobs of one micro-batch")
-    jobs, rejected = [], []
-    for raw in message["jobs"]:
-        try:
-            jobs.append(_job_from_message(raw, generation, limits))
-        except InvalidField as error:
-            readable = isinstance(raw, dict) and isinstance(raw.get("job_id"), str)
-            if readable and _is_job_id(raw["job_id"]):
-                rejected.append((raw["job_id"], f"invalid job: {error}"))
-            else:
-                rejected.append(("", f"invalid job without a usable job_id: {error}"))
-    return run_id, jobs, rejected
-
-
-def _is_job_id(value: str) -> bool:
-    try:
-        check_job_id(value)
-        return True
-    except InvalidField:
-        return False
-
-
-def _job_from_message(raw: object, generation: dict, limits: Limits) -> Job:
-    if not isinstance(raw, dict) or sorted(raw) != sorted(JOB_FIELDS):
-        raise InvalidField("job", "does not hold exactly the job fields", ", ".join(JOB_FIELDS))
-    return Job(
-        job_id=check_job_id(raw["job_id"]),
-        index=check_int("index", raw["index"], 0, 10**12),
-        line=check_int("line", raw["line"], 1, 10**12),
-        image=check_int("image", raw["image"], 0, 998),
-        prompt=check_text("prompt", raw["prompt"], limits.max_prompt_chars, allow_blank=False),
-        negative_prompt=check_text("negative_prompt", raw["negative_prompt"], limits.max_prompt_chars,
-                                   allow_blank=True),
-        seed=check_seed("seed", raw["seed"]),
-        **generation,
-    )
 
 
 # --- the run record (storage: {run_id}/run.jsonl) -----------------------------------------------------------
@@ -332,7 +246,7 @@ def _job_from_message(raw: object, generation: dict, limits: Limits) -> Job:
 def run_record(run_id: str, header: dict, jobs: list[Job]) -> bytes:
     """The whole run as JSON lines: a header (settings), then one job per line. Enough to rebuild the run
     from storage alone (`sdbatch resume`)."""
-    lines = [json.dumps({"run_id": run_id, "version": MESSAGE_VERSION, **header}, sort_keys=True)]
+    lines = [json.dumps({"run_id": run_id, "version": RUN_RECORD_VERSION, **header}, sort_keys=True)]
     lines += [json.dumps(job.to_dict(), sort_keys=True, ensure_ascii=False) for job in jobs]
     return ("\n".join(lines) + "\n").encode("utf-8")
 
@@ -340,4 +254,4 @@ def run_record(run_id: str, header: dict, jobs: list[Job]) -> bytes:
 def read_run_record(data: bytes) -> tuple[dict, list[Job]]:
     # split on "\n" only: prompts written with ensure_ascii=False may hold \u2028, which splitlines() cuts at
     header, *rows = data.decode("utf-8").rstrip("\n").split("\n")
-    return json.loads(header), [Job(**json.loads(row)) for row in rows]
+    return json.loads(header), [Job.from_dict(json.loads(row)) for row in rows]

@@ -1,0 +1,171 @@
+"""One micro-batch made and stored: the library under the generate task (worker.tasks) and `sdbatch run`.
+
+`process` is the task's whole body, shared by the Celery task and by `sdbatch run`, which calls it
+in-process. Failure isolation: a batch that raises is split when out of memory and otherwise retried job by
+job once; a job that still fails, or whose image came out NaN, is recorded with its reason, its neighbours
+are not. A store that is down raises StorageUnavailable (the task retries the batch later); a malformed
+message raises MessageError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from worker.config import ModelSettings
+from worker.jobs import Job
+from worker.messages import from_message
+from worker.storage import StorageError, StorageUnavailable
+from worker.validate import Limits
+
+log = logging.getLogger(__name__)
+UPLOAD_THREADS = 8  # concurrent PUTs per batch (image + metadata of each job)
+NON_FINITE = "non-finite output: the latents held NaN or inf after the last step (fp16 overflow?)"
+
+
+class Recorder(Protocol):
+    def started(self) -> None: ...
+
+    def done(self, job_id: str) -> None: ...
+
+    def failed(self, job_id: str, reason: str) -> None: ...
+
+
+def load_pipeline(model: ModelSettings):
+    """The pipeline `model:` names, as configured: sdcore itself resolves device auto, the precision it
+    implies and where winograd can run."""
+    import sdcore
+
+    return sdcore.load(model.checkpoint, device=model.device, dtype=model.precision, winograd=model.winograd)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    # torch.cuda.OutOfMemoryError is a RuntimeError; the CPU allocator says "can't allocate memory"
+    text = str(error)
+    return isinstance(error, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+class BatchRunner:
+    """Makes the images of micro-batches with one resident pipeline and writes them to one store."""
+
+    def __init__(self, pipe, store, hostname: str):
+        self.pipe, self.store, self.hostname = pipe, store, hostname
+        self.uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload")
+
+    def run(self, run_id: str, jobs: list[Job], recorder: Recorder) -> None:
+        recorder.started()
+        start = time.perf_counter()
+        outcomes = self._generate_isolated(jobs)
+        generate_s = (time.perf_counter() - start) / len(jobs)
+        images = []
+        for job, outcome in outcomes:
+            if isinstance(outcome, str):
+                log.error("job %s/%s failed: %s", run_id, job.job_id, outcome)
+                recorder.failed(job.job_id, outcome)
+            else:
+                images.append((job, outcome))
+        # Uploads wait on the network: side by side, a batch pays about one round trip instead of one per
+        # file. All of them finish before the task returns, so the message is acked only once they are stored.
+        pending = [(job, self.uploads.submit(self._write, run_id, job, image, len(jobs), generate_s))
+                   for job, image in images]
+        try:
+            for job, upload in pending:
+                try:
+                    upload.result()
+                except StorageError as error:
+                    if isinstance(error, StorageUnavailable):
+                        raise
+                    recorder.failed(job.job_id, f"storage: {error}")
+                    continue
+                recorder.done(job.job_id)
+        except SoftTimeLimitExceeded:
+            # the images exist but the store took them too slowly for the batch's time limit: as for an
+            # outage, retry the batch later (it makes the same bytes again)
+            raise StorageUnavailable("the store was too slow: the batch's soft time limit hit during "
+                                     "uploads") from None
+        finally:
+            # On an outage, do not wait for the other uploads' own retries: the batch is retried whole, and
+            # an upload that still lands later writes the same bytes the retry will.
+            for _, upload in pending:
+                upload.cancel()
+
+    def _generate(self, jobs: list[Job]) -> list[tuple[Job, object]]:
+        """One pipeline pass: [(job, PIL image, or NON_FINITE when its latents were not finite)]."""
+        results = self.pipe.run([job.request for job in jobs], progress=False)
+        return [(job, result.image if result.finite else NON_FINITE)
+                for job, result in zip(jobs, results, strict=True)]
+
+    def _generate_isolated(self, jobs: list[Job]) -> list[tuple[Job, object]]:
+        """[(job, PIL image or failure reason)]."""
+        try:
+            return self._generate(jobs)
+        except SoftTimeLimitExceeded:
+            # no time left to retry anything: record the batch, `sdbatch retry` can take it again
+            return [(job, "time limit exceeded (limits.batch_time_limit / step_seconds)") for job in jobs]
+        except Exception as error:
+            if is_out_of_memory(error):
+                self._release_memory()
+                if len(jobs) == 1:
+                    return [(jobs[0], f"out of memory: {error}")]
+                log.warning("out of memory on a batch of %d; splitting it", len(jobs))
+                half = len(jobs) // 2
+                return self._generate_isolated(jobs[:half]) + self._generate_isolated(jobs[half:])
+            if len(jobs) == 1:
+                return [(jobs[0], f"{type(error).__name__}: {error}")]
+            log.warning("a batch of %d raised %s: %s; running each job alone", len(jobs),
+                        type(error).__name__, error)
+            outcomes = []
+            for job in jobs:
+                try:
+                    outcomes += self._generate([job])
+                except SoftTimeLimitExceeded:
+                    raise
+                except Exception as alone:
+                    outcomes.append((job, f"{type(alone).__name__}: {alone}"))
+            return outcomes
+
+    def _release_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _write(self, run_id: str, job: Job, image, batch_size: int, generate_s: float) -> None:
+        from sdcore.png import png_bytes
+
+        settings = self.pipe.metadata(job.request)
+        # ids in the PNG tie it to its run; nothing time- or host-dependent, so a rerun writes the same bytes
+        png = png_bytes(image, {**settings, "run_id": run_id, "job_id": job.job_id})
+        image_key = f"{run_id}/images/{job.job_id}.png"
+        start = time.perf_counter()
+        self.store.put(image_key, png, "image/png")
+        upload_s = time.perf_counter() - start
+        meta = {
+            **settings, "run_id": run_id, "job_id": job.job_id, "index": job.index, "line": job.line,
+            "image": job.image, "model_sha256": self.pipe.sha256, "image_key": image_key,
+            "image_sha256": hashlib.sha256(png).hexdigest(), "worker": self.hostname,
+            "timings": {"batch_size": batch_size, "generate_s": round(generate_s, 4),
+                        "upload_s": round(upload_s, 4)},
+        }
+        meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False, indent=1).encode()
+        self.store.put(f"{run_id}/meta/{job.job_id}.json", meta_json, "application/json")
+
+
+def process(message: object, runner: BatchRunner, limits: Limits, recorder_for) -> str:
+    """The task body: check the message, record its unusable jobs as failed, run the rest. Returns the run
+    id; raises MessageError for a message that cannot be used at all."""
+    run_id, jobs, rejected = from_message(message, limits)
+    recorder = recorder_for(run_id)
+    for job_id, reason in rejected:
+        log.error("run %s: rejected job %s: %s", run_id, job_id or "?", reason)
+        if job_id:
+            recorder.failed(job_id, reason)
+    if jobs:
+        runner.run(run_id, jobs, recorder)
+    return run_id
