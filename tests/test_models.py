@@ -134,6 +134,27 @@ def test_unet_pairs_each_latent_with_its_contexts(unet_pair, attention_levels):
 
 
 @torch.no_grad()
+def test_unet_runs_what_comes_before_the_text_once_per_latent(unet_pair):
+    """The saving of CFG's shared start: conv_in, the first ResBlock and the first self-attention see the 2
+    latents; the first cross-attention and all after it see the 4 latent-context pairs."""
+    _, ours = unet_pair
+    first_block = ours.input_blocks[1][1].transformer_blocks[0]
+    watched = {"conv_in": ours.input_blocks[0][0], "first ResBlock": ours.input_blocks[1][0],
+               "first self-attention": first_block.attn1, "first cross-attention": first_block.attn2,
+               "output": ours.out}
+    rows = {}
+    hooks = [module.register_forward_hook(lambda _, args, out, name=name: rows.update({name: out.shape[0]}))
+             for name, module in watched.items()]
+    try:
+        ours(torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(4, 77, tiny_unet().context_dim))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert rows == {"conv_in": 2, "first ResBlock": 2, "first self-attention": 2, "first cross-attention": 4,
+                    "output": 4}
+
+
+@torch.no_grad()
 def test_unet_names_mismatched_rows(unet_pair):
     _, ours = unet_pair
     latents, context = torch.randn(2, 4, 8, 8), torch.randn(3, 77, tiny_unet().context_dim)

@@ -43,8 +43,8 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        # emb has a row per context; latents not yet paired with their contexts (UNetModel.forward) are the
-        # first rows of [x; x; ...].
+        # emb may have more rows than x, in the order of [x; x; ...] (UNetModel.forward): the linear runs on
+        # all of them, since MKL rounds a small matmul differently at another row count.
         h = self.in_layers(x) + self.emb_layers(emb)[: x.shape[0], :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
@@ -87,6 +87,9 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text, feed-forward. Two calls, before and after the text
+    enters, so that UNetModel can run the first once per latent for several contexts."""
+
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
@@ -96,36 +99,41 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        # The text enters here. Until now a latent shared by several contexts (CFG's uncond and cond rows)
-        # was computed once; from here on it is one row per context.
-        x = repeat_rows(x, context.shape[0])
+    def attend_self(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn1(self.norm1(x)) + x
+
+    def attend_text(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
 
 class SpatialTransformer(nn.Module):
-    """Image feature map -> tokens -> transformer block -> feature map, plus the residual."""
+    """Image feature map -> tokens -> transformer block -> feature map, plus the residual; in two calls, split
+    where the block's are."""
 
     def __init__(self, ch: int, context_dim: int, heads: int, groups: int):
         super().__init__()
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = nn.Conv2d(ch, ch, 1)
+        # A list of one: SD 1.5 has a single block per transformer, at `transformer_blocks.0`.
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, context_dim, heads)])
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def attend_self(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map [n, c, h, w] -> tokens [n, h*w, c] after the self-attention."""
         b, c, h, w = x.shape
-        # One copy each way: strided token views would make every LayerNorm, linear and residual add copy,
-        # and would hand proj_out a channels-last layout that the rest of the NCHW network converts back.
-        # (Channels-last throughout, which makes both copies views, measured no faster on this CPU:
-        # U-Net step at 256x256 2.03 s vs 1.98 s NCHW.)
+        # One copy each way (here and in attend_text): strided token views would make every LayerNorm,
+        # linear and residual add copy, and would hand proj_out a channels-last layout that the rest of the
+        # NCHW network converts back. (Channels-last throughout, which makes both copies views, measured no
+        # faster on this CPU: U-Net step at 256x256 2.03 s vs 1.98 s NCHW.)
         tokens = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)
-        for block in self.transformer_blocks:
-            tokens = block(tokens, context)
-        out = self.proj_out(tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2).contiguous())
-        return out + repeat_rows(x, out.shape[0])
+        return self.transformer_blocks[0].attend_self(tokens)
+
+    def attend_text(self, tokens: torch.Tensor, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """attend_self's tokens, and the feature map it was given as the residual -> feature map."""
+        b, c, h, w = x.shape
+        tokens = self.transformer_blocks[0].attend_text(tokens, context)
+        return self.proj_out(tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()) + x
 
 
 class Downsample(nn.Module):
@@ -147,25 +155,6 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
-class TimestepEmbedSequential(nn.Sequential):
-    """A U-Net stage: hands the time embedding to ResBlocks, the text context to SpatialTransformers and the
-    size of the next skip connection to Upsample."""
-
-    def forward(
-        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skip_size: torch.Size | None = None
-    ) -> torch.Tensor:
-        for layer in self:
-            if isinstance(layer, ResBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
-            elif isinstance(layer, Upsample):
-                x = layer(x, skip_size)
-            else:
-                x = layer(x)
-        return x
-
-
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig | None = None):
         super().__init__()
@@ -180,20 +169,18 @@ class UNetModel(nn.Module):
 
         self.time_embed = nn.Sequential(nn.Linear(chs[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(WinogradConv2d(cfg.in_channels, chs[0]))]
-        )
+        self.input_blocks = nn.ModuleList([nn.Sequential(WinogradConv2d(cfg.in_channels, chs[0]))])
         skip_chs, ch = [chs[0]], chs[0]
         for level, out_ch in enumerate(chs):
             for _ in range(n_res):
-                self.input_blocks.append(TimestepEmbedSequential(*stage(ch, out_ch, level)))
+                self.input_blocks.append(nn.Sequential(*stage(ch, out_ch, level)))
                 ch = out_ch
                 skip_chs.append(ch)
             if level < len(chs) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                self.input_blocks.append(nn.Sequential(Downsample(ch)))
                 skip_chs.append(ch)
 
-        self.middle_block = TimestepEmbedSequential(
+        self.middle_block = nn.Sequential(
             ResBlock(ch, ch, emb_dim, g),
             SpatialTransformer(ch, cfg.context_dim, cfg.heads, g),
             ResBlock(ch, ch, emb_dim, g),
@@ -206,7 +193,7 @@ class UNetModel(nn.Module):
                 ch = out_ch
                 if level > 0 and i == n_res:
                     layers.append(Upsample(ch))
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
+                self.output_blocks.append(nn.Sequential(*layers))
 
         self.out = nn.Sequential(
             nn.GroupNorm(g, ch), nn.SiLU(), WinogradConv2d(ch, cfg.out_channels)
@@ -229,16 +216,36 @@ class UNetModel(nn.Module):
             raise ValueError(f"the U-Net takes latents [B, ...], timesteps [B] and context [r*B, ...]; got "
                              f"{x.shape[0]} latents, {timesteps.shape[0]} timesteps, "
                              f"{context.shape[0]} contexts")
+        # Rows are repeated here and nowhere else: x has a row per latent until the first cross-attention,
+        # then a row per context. Each repeat_rows is a no-op when the latents come repeated.
+        rows = context.shape[0]
         # A row per context, as for repeated latents: MKL rounds small matmuls differently at other sizes.
-        timesteps = repeat_rows(timesteps, context.shape[0])
+        timesteps = repeat_rows(timesteps, rows)
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.block_channels[0]).to(x.dtype))
 
+        # A stage (input_blocks.i, middle_block, output_blocks.i) is an nn.Sequential for the checkpoint's
+        # names; its layers take the time embedding (ResBlock), the text (SpatialTransformer) or the size of
+        # the next skip connection (Upsample).
+        def run(stage: nn.Sequential, x: torch.Tensor, skip_size: torch.Size | None = None) -> torch.Tensor:
+            for layer in stage:
+                if isinstance(layer, ResBlock):
+                    x = layer(x, emb)
+                elif isinstance(layer, SpatialTransformer):
+                    # The text enters here; at the first transformer the self-attention is still per latent.
+                    tokens = layer.attend_self(x)
+                    x = layer.attend_text(repeat_rows(tokens, rows), repeat_rows(x, rows), context)
+                elif isinstance(layer, Upsample):
+                    x = layer(x, skip_size)
+                else:
+                    x = layer(x)
+            return x
+
         skips = []
-        for block in self.input_blocks:
-            x = block(x, emb, context)
+        for stage in self.input_blocks:
+            x = run(stage, x)
             skips.append(x)
-        x = self.middle_block(x, emb, context)
-        for block in self.output_blocks:
-            x = torch.cat([x, repeat_rows(skips.pop(), x.shape[0])], dim=1)
-            x = block(x, emb, context, skips[-1].shape[2:] if skips else None)
+        x = run(self.middle_block, x)
+        for stage in self.output_blocks:
+            x = torch.cat([x, repeat_rows(skips.pop(), rows)], dim=1)
+            x = run(stage, x, skips[-1].shape[2:] if skips else None)
         return self.out(x)

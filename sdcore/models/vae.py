@@ -99,36 +99,24 @@ class MidBlock(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
-class DownLevel(nn.Module):
-    """One encoder resolution: resnets `block`, then a `downsample` except at the last level."""
+class Level(nn.Module):
+    """One resolution: resnets `block`, then the resampler where the level has one, under the name the
+    checkpoint gives it (`encoder.down.i.downsample`, `decoder.up.i.upsample`)."""
 
-    def __init__(self, in_ch: int, out_ch: int, n_blocks: int, groups: int, downsample: bool):
+    def __init__(self, in_ch: int, out_ch: int, n_blocks: int, groups: int, resampler_name: str,
+                 resampler: nn.Module | None):
         super().__init__()
         self.block = nn.ModuleList(
             ResnetBlock(in_ch if j == 0 else out_ch, out_ch, groups) for j in range(n_blocks)
         )
-        self.downsample = Downsample(out_ch) if downsample else None
+        self.resampler_name = resampler_name
+        setattr(self, resampler_name, resampler)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.block:
             x = block(x)
-        return self.downsample(x) if self.downsample is not None else x
-
-
-class UpLevel(nn.Module):
-    """One decoder resolution: resnets `block`, then an `upsample` except at the full-resolution level."""
-
-    def __init__(self, in_ch: int, out_ch: int, n_blocks: int, groups: int, upsample: bool):
-        super().__init__()
-        self.block = nn.ModuleList(
-            ResnetBlock(in_ch if j == 0 else out_ch, out_ch, groups) for j in range(n_blocks)
-        )
-        self.upsample = Upsample(out_ch) if upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
-        return self.upsample(x) if self.upsample is not None else x
+        resampler = getattr(self, self.resampler_name)
+        return resampler(x) if resampler is not None else x
 
 
 class Encoder(nn.Module):
@@ -137,7 +125,8 @@ class Encoder(nn.Module):
         chs, g, last = cfg.block_channels, cfg.norm_groups, len(cfg.block_channels) - 1
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.down = nn.ModuleList(
-            DownLevel(chs[max(i - 1, 0)], ch, cfg.layers_per_block, g, downsample=i < last)
+            Level(chs[max(i - 1, 0)], ch, cfg.layers_per_block, g,
+                  "downsample", Downsample(ch) if i < last else None)
             for i, ch in enumerate(chs)
         )
         self.mid = MidBlock(chs[-1], g)
@@ -159,7 +148,8 @@ class Decoder(nn.Module):
         self.mid = MidBlock(chs[-1], g)
         # up.i works at the resolution of down.i, so the decoder runs up.N-1 ... up.0.
         self.up = nn.ModuleList(
-            UpLevel(chs[min(i + 1, last)], ch, cfg.layers_per_block + 1, g, upsample=i > 0)
+            Level(chs[min(i + 1, last)], ch, cfg.layers_per_block + 1, g,
+                  "upsample", Upsample(ch) if i > 0 else None)
             for i, ch in enumerate(chs)
         )
         self.norm_out = nn.GroupNorm(g, chs[0], eps=NORM_EPS)
