@@ -285,7 +285,7 @@ class Pipeline:
             posterior = self.vae.encode(pixels.to(self.dtype))
             if self.dtype != torch.float32 and not all(torch.isfinite(p).all() for p in posterior):
                 posterior = self.fp32_vae().encode(pixels)
-            latents.append(self.latent_scale * posterior.sample(generator).float())
+            latents.append(self.latent_scale * posterior.sample([generator]).float())
         return torch.cat(latents)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -423,7 +423,7 @@ def test_vae_encode_redoes_an_fp16_overflow_in_fp32(tiny):
         pixels = from_pil(image, 64, 64)
         assert not torch.isfinite(half.vae.encode(pixels.half()).mean).all()  # the overflow
         latents = half.encode_images([image], [torch.Generator().manual_seed(1)], 64, 64)
-        in_fp32 = _half(half.vae).float().encode(pixels).sample(torch.Generator().manual_seed(1))
+        in_fp32 = _half(half.vae).float().encode(pixels).sample([torch.Generator().manual_seed(1)])
     assert torch.equal(latents, VAEConfig().scaling_factor * in_fp32)
 
 

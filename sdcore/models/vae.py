@@ -4,6 +4,7 @@ Attribute names follow `first_stage_model.*` of the original checkpoint. The 0.1
 (VAEConfig.scaling_factor) is the pipeline's business, not the modules'.
 """
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
+from ..noise import randn
 from .attention import attention
 
 NORM_EPS = 1e-6  # the original autoencoder's GroupNorm eps (the U-Net ResBlocks use torch's 1e-5)
@@ -26,11 +28,11 @@ class DiagonalGaussian(NamedTuple):
     def std(self) -> torch.Tensor:
         return torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        # Drawn on the generator's device, then moved: a CPU generator gives the same latents on any device.
-        device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise.to(self.mean.device)
+    def sample(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """A draw from each image's posterior, row k from generators[k] (in the posterior's dtype, as
+        diffusers draws it; a CPU generator gives the same latents on any device)."""
+        noise = randn(generators, self.mean.shape[1:], self.mean.dtype, self.mean.device)
+        return self.mean + self.std * noise
 
 
 class ResnetBlock(nn.Module):
