@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from sdcore.params import (
+    CLIP_SKIP_RANGE,
     IMG2IMG_STRENGTH,
     MAX_SIZE,
     MAX_STEPS,
@@ -32,7 +33,7 @@ from sdcore.png import png_bytes, read_settings
 # generate's flags for the request's fields: flag -> field of sdcore.params.Request / Generation
 REQUEST_FLAGS = {"negative": "negative_prompt", "seed": "seed", "steps": "steps", "sampler": "sampler",
                  "cfg": "guidance_scale", "eta": "eta", "width": "width", "height": "height",
-                 "strength": "strength"}
+                 "strength": "strength", "clip_skip": "clip_skip"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--eta", type=float, help=f"DDIM eta (default {default.eta:g})")
     generate.add_argument("--width", type=int, help=f"{size} (default {default.width})")
     generate.add_argument("--height", type=int, help=f"{size} (default {default.height})")
+    generate.add_argument("--clip-skip", type=int, metavar="N",
+                          help="text-encoder layer to condition on, counted from the last as AUTOMATIC1111 "
+                               "does: 1 the last, 2 the one before "
+                               f"({'..'.join(map(str, CLIP_SKIP_RANGE))}, default {default.clip_skip})")
     generate.add_argument("--precision", choices=PRECISIONS,
                           help="default: fp16 on CUDA, fp32 on CPU; with --from-png, the PNG's precision")
     generate.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto: cuda when available)")

@@ -25,6 +25,8 @@ GUIDANCE_RANGE = (0.0, 100.0)
 ETA_RANGE = (0.0, 1.0)
 PRECISIONS = ("fp32", "fp16", "bf16")  # the model's weight and activation precision (sdcore.load's dtype)
 IMG2IMG_STRENGTH = 0.8  # the strength an img2img call runs with when it names none (diffusers' default)
+# A1111's numbering and slider: 1 is the text encoder's last layer, 12 its first (SD 1.5's has 12 layers)
+CLIP_SKIP_RANGE = (1, 12)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class Generation:
     height: int = 512
     eta: float = 0.0
     strength: float | None = None  # img2img: how far the init image is noised, (0, 1]; None is txt2img
+    # Text-encoder layer whose output conditions the U-Net, counted from the last: 1 the last, 2 the one
+    # before it (then the final layer norm), for the prompt and the negative prompt alike.
+    clip_skip: int = 1
 
     def __post_init__(self):
         _check_choice("sampler", self.sampler, SAMPLERS)
@@ -79,6 +84,7 @@ class Generation:
                                    "(int(steps * strength) = 0)",
                                    f"a strength of at least {1 / self.steps:.4g}, or more steps")
             _set(self, "strength", strength)
+        _set(self, "clip_skip", check_int("clip_skip", self.clip_skip, *CLIP_SKIP_RANGE))
 
     @property
     def steps_run(self) -> int:

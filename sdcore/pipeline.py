@@ -7,7 +7,7 @@ posterior sample, sampler noise) comes from it (sdcore.noise), in the order diff
 StableDiffusionPipeline and StableDiffusionImg2ImgPipeline draw it. The same weights and seed give the same
 pixels as diffusers.
 
-    text  -> tokenizer -> text_encoder ------------------------------------------.
+    text  -> sdcore.prompts (77-token chunks) -> text_encoder, weighted ---------.
     seed  -> randn (1,4,H/8,W/8) * init_noise_sigma  (or: VAE posterior sample     |  [uncond, cond]
              of the init image * 0.18215, noised to the first timestep)         v
           -> sampler: for each timestep, U-Net(x, t, context) -> eps = u + g (c - u), step (noise from the
@@ -29,9 +29,11 @@ from PIL import Image
 from sdcore import samplers
 from sdcore.checkpoints import Components, load_components
 from sdcore.errors import InvalidField
+from sdcore.models.clip import emphasize
 from sdcore.models.winograd import use_winograd
 from sdcore.noise import randn
 from sdcore.params import GENERATION_FIELDS, IMG2IMG_STRENGTH, PRECISIONS, Generation, Request
+from sdcore.prompts import Chunk, ParsedPrompt, ParsedRequest, empty_chunk, parse_prompt
 
 DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 
@@ -108,7 +110,10 @@ class Pipeline:
         self.precision = next(name for name, dtype in DTYPES.items() if dtype == self.dtype)
         self.latent_scale = self.vae.cfg.scaling_factor
         self.winograd = False
-        self._empty_prompt_embedding = None
+        # Textual inversion: name -> vectors [n, width]; a prompt word equal to a name stands for its vectors.
+        self.embeddings: dict[str, torch.Tensor] = {}
+        self._empty_chunk = empty_chunk(self.tokenizer)
+        self._empty_chunk_states: dict[int, torch.Tensor] = {}  # per clip_skip
         self._fp32_vae = None
         self._fp32_vae_lock = threading.Lock()
 
@@ -155,7 +160,8 @@ class Pipeline:
                  callback: Callable[[int, int, torch.Tensor], None] | None = None, progress: bool = True,
                  **settings) -> list[Image.Image]:
         """One image per (prompt, seed), all with the same settings: the fields of sdcore.params.Generation
-        (sampler, steps, guidance_scale, width, height, eta, strength), its defaults where not given.
+        (sampler, steps, guidance_scale, width, height, eta, strength, clip_skip), its defaults where not
+        given.
 
         negative_prompts (default "") are the uncond prompts. init_images (one PIL image per prompt) make it
         img2img, with strength IMG2IMG_STRENGTH unless given. See `run` for the rest.
@@ -175,8 +181,10 @@ class Pipeline:
     def run(self, requests: Sequence[Request], init_images: Sequence[Image.Image] | None = None,
             callback: Callable[[int, int, torch.Tensor], None] | None = None,
             progress: bool = True) -> list[Result]:
-        """A Result per request, in order. Requests with equal settings (Generation) run as one batch, others
-        as batches of their own; an image never depends on the other requests.
+        """A Result per request, in order. Requests with equal settings (Generation) and as many prompt chunks
+        (sdcore.prompts: 75 tokens each) run as one batch, others as batches of their own; an image never
+        depends on the other requests. Prompts use AUTOMATIC1111's syntax: (emphasis:1.2), [less], BREAK,
+        textual-inversion names (`embeddings`) and <lora:...> tags, which are listed (`parse`), not applied.
 
         guidance_scale > 1 runs classifier-free guidance, eps = uncond + g * (cond - uncond), with the
         [uncond, cond] rows in one U-Net batch; guidance_scale <= 1 runs the prompt alone (no uncond pass),
@@ -202,26 +210,36 @@ class Pipeline:
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be a callable (step, total, latents), "
                             f"got {type(callback).__name__}")
-        batches: dict[Generation, list[int]] = {}
+        parsed = []  # every prompt before any work: a bad one fails the call, not its last batch
         for k, request in enumerate(requests):
-            batches.setdefault(request.generation, []).append(k)
+            try:
+                parsed.append(self.parse(request))
+            except InvalidField as error:
+                raise (error.under(f"requests[{k}]") if "prompt" in error.field else error) from None
+        # A batch per (settings, chunks per text-encoder row): the rows of one U-Net pass share a context
+        # length, and padding a prompt to a longer neighbour's length would change its image.
+        batches: dict[tuple[Generation, int], list[int]] = {}
+        for k, (request, prompts) in enumerate(zip(requests, parsed, strict=True)):
+            chunks = prompts.chunk_count(uses_guidance(request.generation))
+            batches.setdefault((request.generation, chunks), []).append(k)
         results: list[Result | None] = [None] * len(requests)
-        for generation, rows in batches.items():
+        for (generation, _), rows in batches.items():
             images = None if init_images is None else [init_images[k] for k in rows]
-            batch = self._batch([requests[k] for k in rows], generation, images, callback, progress)
+            batch = self._batch([requests[k] for k in rows], generation, images, callback, progress,
+                                [parsed[k] for k in rows])
             for k, result in zip(rows, batch, strict=True):
                 results[k] = result
         return results
 
     def _batch(self, requests: list[Request], generation: Generation, init_images, callback,
-               progress: bool) -> list[Result]:
+               progress: bool, parsed: list[ParsedRequest]) -> list[Result]:
         g = generation
         schedule = samplers.schedule(g.sampler, g.steps, g.strength)
         with torch.inference_mode():
-            guided = g.guidance_scale > 1.0
-            prompts = [request.prompt for request in requests]
-            negatives = [request.negative_prompt for request in requests]
-            context = self.encode_text((negatives + prompts) if guided else prompts)
+            guided = uses_guidance(g)
+            prompts = [request.prompt for request in parsed]
+            negatives = [request.negative for request in parsed]
+            context = self.encode_prompts((negatives + prompts) if guided else prompts, g.clip_skip)
             generators = [torch.Generator("cpu").manual_seed(request.seed) for request in requests]
             latent_shape = (4, g.height // 8, g.width // 8)
             if init_images is None:
@@ -263,17 +281,63 @@ class Pipeline:
 
     # -- stages -------------------------------------------------------------------------------------------
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """CLIP last hidden states [len(texts), 77, 768]; each distinct text is encoded once."""
-        if self._empty_prompt_embedding is None:
-            # The default negative prompt is "", in nearly every call: encode it once per pipeline.
-            self._empty_prompt_embedding = self.text_encoder(self.tokenizer([""]).to(self.device))[0]
-        table = {"": self._empty_prompt_embedding}
-        distinct = [text for text in dict.fromkeys(texts) if text not in table]
-        if distinct:
-            embeddings = self.text_encoder(self.tokenizer(distinct).to(self.device))
-            table.update(zip(distinct, embeddings, strict=True))
-        return torch.stack([table[text] for text in texts])
+    def parse(self, request: Request) -> ParsedRequest:
+        """The request's prompts as the text encoder reads them (sdcore.prompts, A1111's syntax), with the
+        extra-network tags (<lora:name:weight>) cut out of the prompt and listed in `.prompt.networks`.
+        They are not applied: this pipeline has no LoRA. A1111 cuts tags from the positive prompt only."""
+        sizes = self._embedding_sizes()
+        return ParsedRequest(
+            parse_prompt(request.prompt, self.tokenizer, sizes),
+            parse_prompt(request.negative_prompt, self.tokenizer, sizes, networks=False,
+                         field="negative_prompt"))
+
+    def encode_text(self, texts: list[str], clip_skip: int = 1) -> torch.Tensor:
+        """The context [len(texts), 77 * chunks, width] of prompts (parsed as positive prompts); see
+        `encode_prompts`."""
+        return self.encode_prompts([parse_prompt(text, self.tokenizer, self._embedding_sizes())
+                                    for text in texts], clip_skip)
+
+    def encode_prompts(self, prompts: Sequence[ParsedPrompt], clip_skip: int = 1) -> torch.Tensor:
+        """Text-encoder states [len(prompts), 77 * k, width], k the most chunks of any prompt: each chunk
+        encoded on its own (start and end tokens included), weighted, and the chunks concatenated; a prompt
+        with fewer is padded with the empty prompt's chunk. Each distinct chunk is encoded once, in one
+        batch; the empty prompt's (most negative prompts) once per pipeline and clip_skip."""
+        with torch.inference_mode():
+            if clip_skip not in self._empty_chunk_states:
+                self._empty_chunk_states[clip_skip] = self._encode_chunks([self._empty_chunk], clip_skip)[0]
+            table = {self._empty_chunk: self._empty_chunk_states[clip_skip]}
+            count = max(len(prompt.chunks) for prompt in prompts)
+            rows = [(*prompt.chunks, *(self._empty_chunk,) * (count - len(prompt.chunks)))
+                    for prompt in prompts]
+            distinct = [chunk for chunk in dict.fromkeys(chunk for row in rows for chunk in row)
+                        if chunk not in table]
+            if distinct:
+                table.update(zip(distinct, self._encode_chunks(distinct, clip_skip), strict=True))
+            return torch.stack([torch.cat([table[chunk] for chunk in row]) for row in rows])
+
+    def _encode_chunks(self, chunks: list[Chunk], clip_skip: int) -> list[torch.Tensor]:
+        ids = torch.tensor([chunk.tokens for chunk in chunks], dtype=torch.long, device=self.device)
+        vectors = None
+        if any(chunk.embeddings for chunk in chunks):
+            vectors = self.text_encoder.embeddings.token_embedding(ids)
+            for row, chunk in enumerate(chunks):
+                for position, name in chunk.embeddings:
+                    embedding = self.embeddings[name]
+                    vectors[row, position:position + len(embedding)] = embedding.to(vectors)
+        states = self.text_encoder(ids, clip_skip=clip_skip, token_embeddings=vectors)
+        return [emphasize(rows, chunk.weights) for rows, chunk in zip(states, chunks, strict=True)]
+
+    def _embedding_sizes(self) -> dict[str, int]:
+        """name -> number of vectors of `embeddings`, each checked to be a [n, width] tensor."""
+        width = self.text_encoder.cfg.width
+        sizes = {}
+        for name, vectors in self.embeddings.items():
+            if not isinstance(vectors, torch.Tensor) or vectors.ndim != 2 or vectors.shape[1] != width:
+                found = f"a tensor {list(vectors.shape)}" if isinstance(vectors, torch.Tensor) \
+                    else f"a {type(vectors).__name__}"
+                raise InvalidField(f"embeddings[{name!r}]", f"is {found}", f"a tensor [n, {width}]")
+            sizes[name] = vectors.shape[0]
+        return sizes
 
     def encode_images(self, images: list[Image.Image], generators: list[torch.Generator], width: int,
                       height: int) -> torch.Tensor:
@@ -308,6 +372,11 @@ class Pipeline:
             if self._fp32_vae is None:
                 self._fp32_vae = copy.deepcopy(self.vae).float()
             return self._fp32_vae
+
+
+def uses_guidance(generation: Generation) -> bool:
+    """Classifier-free guidance runs above a scale of 1 (as in diffusers); at most 1 the prompt runs alone."""
+    return generation.guidance_scale > 1.0
 
 
 # -- images ------------------------------------------------------------------------------------------------

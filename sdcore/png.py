@@ -3,7 +3,9 @@
 Two text chunks, so both people's tools and this project can read an image back:
 - `parameters`: the AUTOMATIC1111 web UI's "infotext" (prompt, `Negative prompt:` line, then
   `Steps: .., Sampler: .., CFG scale: .., Seed: .., Size: WxH, Model hash: .., Model: ..`), which image
-  viewers and other SD front ends already parse;
+  viewers and other SD front ends already parse. Keys, their order and when they appear follow A1111's
+  `processing.create_infotext`; a value holding `,` `:` or a line break is written as a JSON string, as
+  A1111's `infotext_utils.quote` does, so its reader (`parse_generation_parameters`) reads it back whole;
 - `sdcore`: every setting as JSON, the exact record `sdcore generate --from-png` regenerates from.
 
 The bytes depend only on the pixels and the settings (no timestamps, sorted JSON keys, fixed compression),
@@ -15,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterable
 
 from PIL import Image, PngImagePlugin
 
@@ -24,6 +27,17 @@ from sdcore.params import GENERATION_FIELDS, SAMPLERS
 MODEL_KEYS = ("model", "model_hash", "precision", "random_model")
 REQUIRED_KEYS = ("prompt", "negative_prompt", "seed",
                  *(name for name in GENERATION_FIELDS if name != "strength"), *MODEL_KEYS)
+# Written when present: loras [{"name", "weight", "sha256"}], embeddings [{"name", "sha256"}] (the ones the
+# prompts used), vae {"name", "sha256"} (a VAE from its own file).
+OPTIONAL_KEYS = ("strength", "loras", "embeddings", "vae")
+
+# How many hex digits of a file's SHA-256 A1111 writes: sd_models' "Model hash" (AutoV2) and sd_vae's
+# "VAE hash"; the networks' `shorthash` of "Lora hashes" and "TI hashes". For a .safetensors LoRA, A1111's
+# sha256 is that of the bytes after the file's JSON header (sd-scripts' "addnet" hash), not the file's.
+MODEL_HASH_DIGITS = 10
+NETWORK_HASH_DIGITS = 12
+# A1111 writes DDIM's eta as "Eta DDIM" (its timestep samplers), a k-diffusion sampler's as "Eta".
+ETA_KEYS = {"ddim": "Eta DDIM"}
 
 
 def infotext(settings: dict) -> str:
@@ -31,10 +45,10 @@ def infotext(settings: dict) -> str:
     lines = [settings["prompt"]]
     if settings["negative_prompt"]:
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    sampler = settings["sampler"]
     fields = [
         ("Steps", settings["steps"]),
-        ("Sampler", SAMPLERS[settings["sampler"]].a1111 if settings["sampler"] in SAMPLERS
-                    else settings["sampler"]),
+        ("Sampler", SAMPLERS[sampler].a1111 if sampler in SAMPLERS else sampler),
         ("CFG scale", settings["guidance_scale"]),
         ("Seed", settings["seed"]),
         ("Size", f"{settings['width']}x{settings['height']}"),
@@ -44,13 +58,49 @@ def infotext(settings: dict) -> str:
     # A reader must never mistake a random-weight image for a real model's output.
     model = f"{settings['model']} (random weights)" if settings["random_model"] else settings["model"]
     fields.append(("Model", model))
+    vae = settings.get("vae")
+    if vae:
+        if not isinstance(vae, dict) or not isinstance(vae.get("name"), str):
+            raise ValueError(f"settings['vae'] is {vae!r}; expected {{'name': str, 'sha256': str}}")
+        if vae.get("sha256"):
+            fields.append(("VAE hash", vae["sha256"][:MODEL_HASH_DIGITS]))
+        fields.append(("VAE", vae["name"]))
     if settings.get("strength") is not None:
         fields.append(("Denoising strength", settings["strength"]))
+    if settings["clip_skip"] > 1:
+        fields.append(("Clip skip", settings["clip_skip"]))  # A1111 omits it at 1, and reads 1 when absent
+    # Every image's noise comes from a CPU generator seeded with its seed (sdcore.noise), which is A1111's
+    # "CPU" random source; an infotext without RNG means A1111's default, the GPU's.
+    fields.append(("RNG", "CPU"))
+    for key, name in (("loras", "Lora hashes"), ("embeddings", "TI hashes")):
+        if settings.get(key):
+            fields.append((name, network_hashes(settings[key], key)))
     if settings["eta"]:
-        fields.append(("Eta", settings["eta"]))
+        fields.append((ETA_KEYS.get(sampler, "Eta"), settings["eta"]))
     fields.append(("Precision", settings["precision"]))
-    lines.append(", ".join(f"{key}: {value}" for key, value in fields))
+    lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields))
     return "\n".join(lines)
+
+
+def quote(value) -> str:
+    """A value as A1111 writes it: as a JSON string when it holds `,` `:` or a line break (its `quote`), and
+    also when it starts and ends with `"`, which A1111's reader would otherwise take for a JSON string."""
+    text = str(value)
+    if any(char in text for char in ",:\n") or (len(text) > 1 and text[0] == text[-1] == '"'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def network_hashes(entries: Iterable[dict], key: str) -> str:
+    """A1111's "Lora hashes" / "TI hashes" value: "name: shorthash, ...", with `:` and `,` taken out of the
+    names; a name given twice keeps its first place and its last hash, as A1111's dict of them does."""
+    hashes = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or \
+                not isinstance(entry.get("sha256"), str):
+            raise ValueError(f"settings[{key!r}] has {entry!r}; each entry needs a name and a sha256 (str)")
+        hashes[entry["name"].replace(":", "").replace(",", "")] = entry["sha256"][:NETWORK_HASH_DIGITS]
+    return ", ".join(f"{name}: {short}" for name, short in hashes.items())
 
 
 def png_bytes(image: Image.Image, settings: dict) -> bytes:

@@ -7,7 +7,9 @@ One prompt goes through these steps, each the one transformers' tokenizers backe
   3. CLIP's regex splits the piece into words (letter runs, single digits, punctuation runs, 's 't ...);
   4. a word's UTF-8 bytes are mapped to printable characters (GPT-2's byte-to-unicode table);
   5. BPE merges the word's characters, the last one carrying the end-of-word marker '</w>'.
-Then the batch form adds the start id, keeps at most 75 word ids, adds the end id and pads with it to 77.
+Then the batch form adds the start id, keeps at most 75 word ids, adds the end id and pads with it to 77:
+the text encoder's one-chunk input, truncating as diffusers' pipelines do. sdcore's Pipeline reads prompts
+with sdcore.prompts instead, which splits a long prompt into chunks of 75 and truncates nothing.
 
 Unlike OpenAI's original tokenizer (and transformers 4.x), there is no ftfy and no html unescaping, so
 "&amp;" stays three words.
@@ -45,7 +47,8 @@ _WORDS = regex.compile(
 
 
 class PromptTruncatedWarning(UserWarning):
-    """A prompt had more than 75 tokens; the tail was dropped, as Stable Diffusion pipelines do."""
+    """A prompt given to CLIPTokenizer's batch call had more than 75 tokens; the tail was dropped, as
+    diffusers' pipelines do (sdcore's Pipeline encodes long prompts in chunks instead)."""
 
 
 @functools.cache
@@ -131,7 +134,8 @@ class CLIPTokenizer:
         return ids
 
     def __call__(self, prompts: list[str]) -> torch.LongTensor:
-        """Token ids [len(prompts), 77]: start, at most 75 word ids, end, then end ids as padding."""
+        """Token ids [len(prompts), 77]: start, at most 75 word ids, end, then end ids as padding; a longer
+        prompt is truncated, with a PromptTruncatedWarning. No prompt syntax: the text is read as it is."""
         if isinstance(prompts, str):
             raise TypeError(f"prompts must be a list of str, got the str {prompts!r}; a bare str would be "
                             f"tokenized as a list of characters. Pass [{prompts!r}]")

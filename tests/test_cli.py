@@ -40,11 +40,11 @@ def test_generate_writes_a_png_with_every_setting(made):
     settings = read_settings(made)
     assert settings == {
         "prompt": "a lighthouse at dusk", "negative_prompt": "fog", "seed": 7, "steps": 3,
-        "sampler": "euler_a", "guidance_scale": 6.0, "eta": 0.0, "width": 64, "height": 64,
+        "sampler": "euler_a", "guidance_scale": 6.0, "eta": 0.0, "width": 64, "height": 64, "clip_skip": 1,
         "model": "tiny-random", "model_hash": None, "precision": "fp32", "random_model": True,
     }  # fmt: skip
     parameters = Image.open(made).text["parameters"]
-    assert parameters.endswith("Model: tiny-random (random weights), Precision: fp32")
+    assert parameters.endswith("Model: tiny-random (random weights), RNG: CPU, Precision: fp32")
     assert pixels(made).shape == (64, 64, 3)
 
 

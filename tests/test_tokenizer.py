@@ -125,3 +125,9 @@ def test_folder_without_merges_is_refused_naming_the_file(tmp_path, hf_folder):
     (tmp_path / "vocab.json").write_bytes((hf_folder / "vocab.json").read_bytes())
     with pytest.raises(FileNotFoundError, match=r"has no merges\.txt"):
         CLIPTokenizer.from_folder(tmp_path)
+
+
+def test_the_batch_call_reads_prompt_syntax_as_plain_text(tok):
+    # sdcore.prompts reads emphasis, BREAK and tags; the 77-token primitive tokenizes the text as written
+    text = "(cat:1.2) BREAK <lora:x:1>"
+    assert tok([text])[0].tolist() == [START, *tok.encode(text), END] + [END] * (75 - len(tok.encode(text)))
