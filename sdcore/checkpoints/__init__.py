@@ -1,8 +1,11 @@
 """Stable Diffusion 1.x checkpoints: `read` identifies and checks a source's weights, `build` makes sdcore's
 modules from them, `write` converts a source to safetensors, `layout` renames keys original <-> diffusers."""
 
-from .build import Components, load_components
+from .build import Components, load_components, load_vae, sha256_of_files
 from .read import TINY_RANDOM
 from .write import convert_checkpoint, diffusers_config
 
-__all__ = ["TINY_RANDOM", "Components", "convert_checkpoint", "diffusers_config", "load_components"]
+__all__ = [
+    "TINY_RANDOM", "Components", "convert_checkpoint", "diffusers_config", "load_components", "load_vae",
+    "sha256_of_files",
+]

@@ -5,6 +5,7 @@ assignment, cast one tensor at a time, so the weights are never resident twice w
 """
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import mmap
@@ -20,7 +21,7 @@ from ..models.clip import CLIPTextModel
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL
 from ..tokenizer import CLIPTokenizer
-from .read import COMPONENTS, MODELS, TINY_RANDOM, read_original_layout, select_weights
+from .read import COMPONENTS, MODELS, TINY_RANDOM, read_original_layout, read_vae, select_weights
 
 TINY_RANDOM_SEEDS = {"text_encoder": 1, "vae": 2, "unet": 3}
 
@@ -36,6 +37,10 @@ class Components:
     name: str
     weight_files: tuple[Path, ...]  # what `sha256` hashes, in order; empty for tiny-random
     is_random: bool
+    # Set when the VAE came from its own file (load_components(..., vae=PATH)): A1111's "VAE" (the file's
+    # name, extension included, as A1111 writes it) and the files `vae_sha256` hashes.
+    vae_name: str | None = None
+    vae_files: tuple[Path, ...] = ()
 
     @property
     def sha256(self) -> str | None:
@@ -44,35 +49,68 @@ class Components:
         Hashing a 4 GB file takes seconds, so it runs on first use and is cached by path, size and mtime.
         The A1111 short "Model hash" is its first 10 hex digits.
         """
-        if not self.weight_files:
-            return None
-        return _sha256(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in self.weight_files))
+        return sha256_of_files(self.weight_files) if self.weight_files else None
+
+    @property
+    def vae_sha256(self) -> str | None:
+        """sha256 of the VAE file given to load_components; None when the VAE is the checkpoint's.
+        A1111's "VAE hash" is its first 10 hex digits."""
+        return sha256_of_files(self.vae_files) if self.vae_files else None
 
 
-def load_components(source, device="cpu", dtype=torch.float32, tokenizer=None, ema="auto") -> Components:
+def load_components(source, device="cpu", dtype=torch.float32, tokenizer=None, ema="auto", vae=None
+                    ) -> Components:
     """Tokenizer, text encoder, U-Net and VAE from a checkpoint file, a diffusers folder or "tiny-random".
 
     ema: "auto" takes the U-Net's EMA weights when the file holds an EMA copy, True requires them, False
     takes the non-EMA weights. Weights are cast to `dtype` (fp16 files are upcast for fp32) on `device`.
+    vae: a VAE file or diffusers folder to use instead of the checkpoint's VAE (see `load_vae`); the
+    checkpoint's own VAE is then checked but never built.
     """
     if ema not in ("auto", True, False):
         raise ValueError(f"ema={ema!r} is not accepted; use 'auto', True or False")
+    override = _vae_override(vae, device, dtype) if vae is not None else {}  # a bad VAE file fails first
     if str(source) == TINY_RANDOM:
-        return _tiny_random(device, dtype, tokenizer)
+        return dataclasses.replace(_tiny_random(device, dtype, tokenizer), **override)
     path = Path(source)
     weights, weight_files, mapped = read_original_layout(path)
     parts = select_weights(path, weights, ema)
     del weights
+    if override:
+        del parts["vae"]
     models = {c: _build(c, cfg, tensors, device, dtype, mapped) for c, (cfg, tensors) in parts.items()}
     return Components(
         tokenizer=_tokenizer(path, tokenizer),
         text_encoder=models["text_encoder"],
         unet=models["unet"],
-        vae=models["vae"],
+        vae=override["vae"] if override else models["vae"],
         name=path.stem if path.is_file() else path.name,
         weight_files=weight_files,
         is_random=False,
+        vae_name=override.get("vae_name"),
+        vae_files=override.get("vae_files", ()),
     )
+
+
+def load_vae(source, device="cpu", dtype=torch.float32) -> AutoencoderKL:
+    """An AutoencoderKL from a standalone VAE file (.ckpt / .pt / .safetensors; original keys with or
+    without `first_stage_model.`, or diffusers' names) or a diffusers folder, checked like a checkpoint:
+    CheckpointError names the file and every missing, unexpected or mis-shaped key. Training-only keys
+    (`loss.*`, `model_ema.*`) are skipped, as A1111 does. Cast to `dtype` on `device`."""
+    return _vae_override(source, device, dtype)["vae"]
+
+
+def _vae_override(source, device, dtype) -> dict:
+    path = Path(source)
+    cfg, tensors, files, mapped = read_vae(path)
+    return {"vae": _build("vae", cfg, tensors, device, dtype, mapped), "vae_name": path.name,
+            "vae_files": files}
+
+
+def sha256_of_files(files) -> str:
+    """sha256 of the files' bytes one after another; cached by path, size and mtime, so a file is hashed
+    again only when it changed."""
+    return _sha256(tuple((str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in files))
 
 
 def _tokenizer(path: Path, tokenizer) -> CLIPTokenizer:

@@ -172,6 +172,21 @@ def diffusers_to_original(component: str, state_dict: dict[str, torch.Tensor]) -
     return converted
 
 
+def rename_keys(component: str, keys, to: str) -> dict[str, str]:
+    """{key: its name in the other layout} for one component's keys (no checkpoint prefix); `to` is
+    "diffusers" or "original". Names only: the VAE's mid-block attention also changes shape, which
+    `original_to_diffusers` / `diffusers_to_original` do."""
+    _check_component(component)
+    if to not in ("diffusers", "original"):
+        raise ValueError(f"to={to!r} is not accepted; use 'diffusers' or 'original'")
+    keys = list(keys)
+    if component == "text_encoder":
+        return {k: TEXT_MODEL + k if to == "diffusers" else k.removeprefix(TEXT_MODEL) for k in keys}
+    src = 0 if to == "diffusers" else 1
+    rules = _rules(component, keys, "original" if src == 0 else "diffusers")
+    return {k: _rename(component, k, rules, src) for k in keys}
+
+
 def _rules(component: str, keys, layout: str) -> list[Rule]:
     keys = list(keys)
     return _unet_rules(keys, layout) if component == "unet" else _vae_rules(keys, layout)

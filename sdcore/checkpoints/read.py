@@ -87,12 +87,16 @@ def read_original_layout(path: Path) -> tuple[dict[str, torch.Tensor], tuple[Pat
     return {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor)}, (path,), mapped
 
 
-def read_file(path: Path) -> tuple[dict, bool]:
-    """A .ckpt / .bin pickle (read with weights_only: no code runs) or a .safetensors file, by content."""
+def read_file(path: Path, allowed_classes: tuple[type, ...] = ()) -> tuple[dict, bool]:
+    """A .ckpt / .bin pickle (read with weights_only: no code runs) or a .safetensors file, by content.
+
+    allowed_classes: classes besides tensors and plain containers that the pickle may rebuild (their state
+    is restored, none of their code runs), e.g. torch.nn.ParameterDict in old textual-inversion files."""
     with open(path, "rb") as f:
         head = f.read(16)
     if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC):
-        return _read_pickle(path, mappable=head.startswith(ZIP_MAGIC)), head.startswith(ZIP_MAGIC)
+        mappable = head.startswith(ZIP_MAGIC)
+        return _read_pickle(path, mappable, allowed_classes), mappable
     if len(head) >= 9 and head[8:9] == b"{":
         return _read_safetensors(path), True
     size = path.stat().st_size
@@ -103,9 +107,10 @@ def read_file(path: Path) -> tuple[dict, bool]:
     )
 
 
-def _read_pickle(path: Path, mappable: bool) -> dict:
+def _read_pickle(path: Path, mappable: bool, allowed_classes: tuple[type, ...] = ()) -> dict:
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mappable)
+        with torch.serialization.safe_globals(list(allowed_classes)):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=mappable)
     except pickle.UnpicklingError as e:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(e))
         raise CheckpointError(
@@ -171,6 +176,61 @@ def _reject_other_diffusers_models(folder: Path) -> None:
             f"looks like an {kind} diffusers folder (unet cross_attention_dim "
             f"{context}; SD 1.x has 768); sdcore loads Stable Diffusion 1.x only",
         )
+
+
+# --------------------------------------------------------------------------------------- a VAE alone
+
+# What standalone VAE files carry besides the autoencoder: the training loss's networks (LPIPS, the
+# discriminator: `loss.*`) and EMA bookkeeping (`model_ema.decay` / `num_updates`); A1111 skips the same
+# keys. The ft-MSE release "vae-ft-mse-840000-ema-pruned" already holds its EMA weights as the plain ones.
+VAE_SKIPPED_PREFIXES = ("loss", EMA_PREFIX)
+# diffusers < 0.14 named the VAE mid-block attention projections differently.
+OLD_DIFFUSERS_VAE_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.",
+                               ".proj_attn.": ".to_out.0."}
+DIFFUSERS_VAE_KEY = re.compile(r"(encoder|decoder)\.(down_blocks|up_blocks|mid_block)\.")
+
+
+def read_vae(path: Path) -> tuple[object, dict[str, torch.Tensor], tuple[Path, ...], bool]:
+    """A VAE to use instead of a checkpoint's, checked: (config, module state dict, files read, mapped).
+
+    Accepts an original-layout file (`encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*`, with
+    or without the `first_stage_model.` prefix; from a whole checkpoint only its VAE is taken), the same in
+    diffusers' names, or a diffusers folder (its vae/ subfolder, or a folder holding the VAE's weights).
+    """
+    if path.is_dir():
+        file = _diffusers_weight_file(path / "vae" if (path / "vae").is_dir() else path)
+    elif path.exists():
+        file = path
+    else:
+        raise CheckpointError(path, "no such file or folder; expected a VAE .ckpt / .pt / .safetensors file "
+                                    "or a diffusers folder")
+    tensors, mapped = read_file(file)
+    if isinstance(tensors.get("state_dict"), dict):
+        tensors = tensors["state_dict"]
+    tensors = {k: t for k, t in tensors.items()
+               if isinstance(t, torch.Tensor) and not k.startswith(VAE_SKIPPED_PREFIXES)}
+    prefix = PREFIXES["vae"]
+    if any(k.startswith(prefix) for k in tensors):
+        tensors = {k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)}
+    if any(DIFFUSERS_VAE_KEY.match(k) for k in tensors):
+        tensors = _diffusers_vae_to_original(file, tensors)
+    cfg, expected = _closest_config("vae", tensors)
+    problems = _key_problems("vae", expected, tensors, from_ema=False, prefix="")
+    if problems:
+        raise CheckpointError(file, "not a Stable Diffusion VAE as sdcore expects it: " + "; ".join(problems))
+    return cfg, tensors, (file,), mapped
+
+
+def _diffusers_vae_to_original(file: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, tensor in tensors.items():
+        for old, new in OLD_DIFFUSERS_VAE_ATTENTION.items():
+            key = key.replace(old, new) if ".mid_block.attentions." in key else key
+        renamed[key] = tensor
+    try:
+        return diffusers_to_original("vae", renamed)
+    except ValueError as e:
+        raise CheckpointError(file, f"a diffusers-layout VAE with a key sdcore does not know: {e}") from None
 
 
 # ------------------------------------------------------------------------------------ choosing weights
@@ -290,8 +350,9 @@ def _closest_config(component: str, found: dict):
     return cfg, _expected_shapes(component, cfg)
 
 
-def _key_problems(component: str, expected: dict, found: dict, from_ema: bool) -> list[str]:
-    prefix = PREFIXES[component]
+def _key_problems(component: str, expected: dict, found: dict, from_ema: bool, prefix: str | None = None
+                  ) -> list[str]:
+    prefix = PREFIXES[component] if prefix is None else prefix
     what = TITLES[component] + (" (from the EMA copy)" if from_ema else "")
     missing = [prefix + k for k in expected if k not in found]
     unexpected = [prefix + k for k in found if k not in expected]
