@@ -36,6 +36,9 @@ REQUEST_FLAGS = {"negative": "negative_prompt", "seed": "seed", "steps": "steps"
                  "strength": "strength", "clip_skip": "clip_skip"}
 
 
+LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
+
+
 def build_parser() -> argparse.ArgumentParser:
     default = Generation()
     size = f"multiple of 8 in {MIN_SIZE}..{MAX_SIZE}"
@@ -70,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--init-image", type=Path, metavar="FILE", help="img2img: start from this image")
     generate.add_argument("--strength", type=float,
                           help=f"img2img strength in (0, 1] (default {IMG2IMG_STRENGTH:g})")
+    generate.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                          help="merge this LoRA (kohya/A1111 or diffusers layout) at WEIGHT (default 1, or "
+                               "the weight a --from-png image recorded); repeatable")
+    generate.add_argument("--lora-dir", type=Path, metavar="DIR",
+                          help="where <lora:name:w> tags in the prompt find name.safetensors / .pt / .ckpt")
+    generate.add_argument("--embedding", action="append", default=[], type=Path, metavar="FILE",
+                          help="a textual-inversion embedding; the prompt word is its token or file stem; "
+                               "repeatable")
+    generate.add_argument("--vae", type=Path, metavar="FILE",
+                          help="a standalone VAE file (e.g. the ft-MSE VAE) instead of the checkpoint's")
     generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     generate.add_argument("--winograd", action="store_true",
                           help="CPU fp32: run the U-Net's 3x3 convolutions as Winograd (faster, more memory)")
@@ -104,6 +117,13 @@ def run_generate(args: argparse.Namespace) -> str:
         if getattr(args, flag) is not None:
             values[name] = getattr(args, flag)
     values.setdefault("seed", secrets.randbelow(2**32))
+    lora_files = [lora_file(text) for text in args.lora]
+    recorded_weights = {lora["name"]: lora["weight"] for lora in recorded.get("loras", [])}
+    values["loras"] = [*({"name": name, "weight": weight} for name, weight in recorded_weights.items()
+                         if name not in {path.stem for path, _ in lora_files})]
+    for path, weight in lora_files:
+        values["loras"].append({"name": path.stem, "weight": recorded_weights.get(path.stem, 1.0)
+                                if weight is None else weight})
     if img2img:
         values.setdefault("strength", IMG2IMG_STRENGTH)
     request = Request.from_dict(values)  # every setting checked before the model loads
@@ -119,8 +139,24 @@ def run_generate(args: argparse.Namespace) -> str:
     # sdcore.load leaves it off on a GPU that device "auto" finds.
     winograd = args.winograd or (bool(recorded.get("winograd")) and args.device in (None, "auto", "cpu")
                                  and (args.precision or "fp32") == "fp32")
+    if recorded.get("vae") and args.vae is None:
+        raise ValueError(f"{args.from_png} was made with VAE {recorded['vae']['name']!r}; pass --vae FILE")
     pipe = load(checkpoint, device=args.device or "auto", dtype=args.precision or recorded.get("precision"),
-                winograd=winograd)
+                winograd=winograd, vae=args.vae)
+    for path, _ in lora_files:
+        pipe.add_lora(path)
+    for path in args.embedding:
+        pipe.add_embedding(path)
+    add_tagged_loras(pipe, request, args.lora_dir)
+    missing = [e["name"] for e in recorded.get("embeddings", []) if e["name"] not in pipe.embeddings]
+    if missing:
+        raise ValueError(f"{args.from_png} was made with the embedding(s) {missing}; pass --embedding FILE "
+                         "for each")
+    recorded_hashes = {lora["name"]: lora.get("sha256") for lora in recorded.get("loras", [])}
+    for name, lora in pipe.loras.items():
+        if recorded_hashes.get(name) and recorded_hashes[name] != lora.sha256:
+            print(f"sdcore: warning: {args.from_png} was made with another LoRA {name!r} "
+                  f"(sha256 {recorded_hashes[name][:12]}); the image will differ", file=sys.stderr)
     if recorded.get("model_hash") and pipe.model_hash and recorded["model_hash"] != pipe.model_hash:
         print(f"sdcore: warning: {args.from_png} was made with model hash {recorded['model_hash']}, "
               f"{checkpoint} has {pipe.model_hash}; the image will differ", file=sys.stderr)
@@ -131,6 +167,31 @@ def run_generate(args: argparse.Namespace) -> str:
     args.out.write_bytes(png_bytes(result.image, pipe.metadata(request)))
     label = " (random weights)" if pipe.is_random else ""
     return f"wrote {args.out} (seed {request.seed}, model {pipe.name}{label})"
+
+
+def lora_file(text: str) -> tuple[Path, float | None]:
+    """--lora FILE[:WEIGHT] -> (file, weight or None). A weight is the part after the last colon when it
+    reads as a number, so paths holding colons still work."""
+    head, _, tail = text.rpartition(":")
+    try:
+        return Path(head), float(tail)
+    except ValueError:
+        return Path(text), None
+
+
+def add_tagged_loras(pipe, request: Request, folder: Path | None) -> None:
+    """Load the LoRA files the prompt's <lora:name:w> tags name (and --lora did not) from --lora-dir."""
+    from sdcore.prompts import extract_networks
+
+    _, tags = extract_networks(request.prompt)
+    for name in dict.fromkeys(tag.name for tag in tags if tag.is_lora and tag.name not in pipe.loras):
+        found = [path for path in (folder / f"{name}{ext}" for ext in LORA_EXTENSIONS) if path.is_file()] \
+            if folder else []
+        if not found:
+            where = f"in --lora-dir {folder}" if folder else "(no --lora-dir given)"
+            raise ValueError(f"the prompt's <lora:{name}:...> names no LoRA file {where}; accepted: "
+                             f"{name}{'/'.join(LORA_EXTENSIONS)} in --lora-dir, or --lora FILE")
+        pipe.add_lora(found[0], name)
 
 
 def open_image(path: Path) -> Image.Image:

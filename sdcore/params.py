@@ -25,6 +25,7 @@ GUIDANCE_RANGE = (0.0, 100.0)
 ETA_RANGE = (0.0, 1.0)
 PRECISIONS = ("fp32", "fp16", "bf16")  # the model's weight and activation precision (sdcore.load's dtype)
 IMG2IMG_STRENGTH = 0.8  # the strength an img2img call runs with when it names none (diffusers' default)
+LORA_WEIGHT_LIMIT = 10.0  # A1111 takes any multiplier; past +-10 a LoRA only makes noise
 # A1111's numbering and slider: 1 is the text encoder's last layer, 12 its first (SD 1.5's has 12 layers)
 CLIP_SKIP_RANGE = (1, 12)
 
@@ -59,6 +60,9 @@ class Generation:
     # Text-encoder layer whose output conditions the U-Net, counted from the last: 1 the last, 2 the one
     # before it (then the final layer norm), for the prompt and the negative prompt alike.
     clip_skip: int = 1
+    # LoRAs merged into the model for this batch, as (name, weight) pairs sorted by name; a pipeline knows
+    # them by name (Pipeline.add_lora). Also given as [{"name": ..., "weight": ...}], as job files write them.
+    loras: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         _check_choice("sampler", self.sampler, SAMPLERS)
@@ -85,6 +89,7 @@ class Generation:
                                    f"a strength of at least {1 / self.steps:.4g}, or more steps")
             _set(self, "strength", strength)
         _set(self, "clip_skip", check_int("clip_skip", self.clip_skip, *CLIP_SKIP_RANGE))
+        _set(self, "loras", check_loras(self.loras))
 
     @property
     def steps_run(self) -> int:
@@ -93,7 +98,9 @@ class Generation:
         return self.steps if self.strength is None else min(int(self.steps * self.strength), self.steps)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["loras"] = [{"name": name, "weight": weight} for name, weight in self.loras]
+        return values
 
 
 @dataclass(frozen=True)
@@ -198,6 +205,27 @@ def check_text(name: str, value: object, max_chars: int | None = None, allow_bla
         problem = f"is not valid UTF-8 (bad data at character {error.start})"
         raise InvalidField(name, problem, accepted) from None
     return value
+
+
+def check_loras(value: object) -> tuple[tuple[str, float], ...]:
+    accepted = ('a list of {"name": NAME, "weight": W} (or (name, weight) pairs), each name once, '
+                f"weights from {-LORA_WEIGHT_LIMIT:g} to {LORA_WEIGHT_LIMIT:g}")
+    if isinstance(value, str | dict) or not isinstance(value, list | tuple):
+        raise InvalidField("loras", f"{shown(value)} is a {type(value).__name__}", accepted)
+    pairs = []
+    for index, item in enumerate(value):
+        if isinstance(item, dict) and {"name", "weight"} <= set(item):  # metadata adds the file's sha256
+            item = (item["name"], item["weight"])
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            raise InvalidField(f"loras[{index}]", f"{shown(item)} is not a name and a weight", accepted)
+        name = check_text(f"loras[{index}].name", item[0], max_chars=255, allow_blank=False)
+        weight = check_float(f"loras[{index}].weight", item[1], -LORA_WEIGHT_LIMIT, LORA_WEIGHT_LIMIT)
+        pairs.append((name, weight))
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidField("loras", f"names {repeated} more than once", accepted)
+    return tuple(sorted(pairs))
 
 
 def _check_choice(name: str, value: object, choices) -> None:

@@ -28,7 +28,9 @@ from PIL import Image
 
 from sdcore import samplers
 from sdcore.checkpoints import Components, load_components
+from sdcore.embeddings import Embedding, read_embedding
 from sdcore.errors import InvalidField
+from sdcore.lora import LoRA, LoRAMerge, read_lora
 from sdcore.models.clip import emphasize
 from sdcore.models.winograd import use_winograd
 from sdcore.noise import randn
@@ -62,13 +64,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def load(source: str, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
-         tokenizer=None, ema: str | bool = "auto", winograd: bool = False) -> Pipeline:
+         tokenizer=None, ema: str | bool = "auto", winograd: bool = False, vae=None) -> Pipeline:
     """Load a checkpoint (.ckpt / .safetensors / diffusers folder / "tiny-random") as a ready Pipeline.
 
     device "auto" takes CUDA when there is a GPU; dtype None is fp16 on CUDA and fp32 on the CPU, decided
     after "auto" is resolved. winograd=True turns on the CPU fp32 fast path for the U-Net's convolutions
     (Pipeline.use_winograd), CPU fp32 only; on a GPU that device "auto" finds it stays off, so one setting
-    serves CPU and GPU hosts alike."""
+    serves CPU and GPU hosts alike. vae: a standalone VAE file (e.g. the ft-MSE VAE) or diffusers folder to
+    use instead of the checkpoint's (sdcore.checkpoints.load_vae)."""
     auto = device == "auto"
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -76,7 +79,8 @@ def load(source: str, device: str | torch.device = "auto", dtype: str | torch.dt
         winograd = False  # a GPU host that "auto" found: cuDNN picks its own convolution algorithms
     if winograd and not (device.type == "cpu" and dtype == torch.float32):
         raise ValueError(winograd_error(device, dtype))  # before reading gigabytes of weights
-    pipe = Pipeline(load_components(source, device=device, dtype=dtype, tokenizer=tokenizer, ema=ema))
+    pipe = Pipeline(load_components(source, device=device, dtype=dtype, tokenizer=tokenizer, ema=ema,
+                                    vae=vae))
     if winograd:
         pipe.use_winograd()
     return pipe
@@ -98,7 +102,8 @@ class Result:
 
 
 class Pipeline:
-    """The loaded model plus `generate`/`run`. Holds no per-call state, so threads may share one instance."""
+    """The loaded model plus `generate`/`run`. Threads may share one instance: a batch's only state, the
+    LoRA set merged into the weights, is held under a lock for the batch."""
 
     def __init__(self, parts: Components):
         self.parts = parts
@@ -113,7 +118,13 @@ class Pipeline:
         # Textual inversion: name -> vectors [n, width]; a prompt word equal to a name stands for its vectors.
         self.embeddings: dict[str, torch.Tensor] = {}
         self._empty_chunk = empty_chunk(self.tokenizer)
-        self._empty_chunk_states: dict[int, torch.Tensor] = {}  # per clip_skip
+        self._empty_chunk_states: dict[int, torch.Tensor] = {}  # per clip_skip, for the LoRAs merged now
+        self.embedding_files: dict[str, Embedding] = {}  # the embeddings add_embedding read, for their hashes
+        # LoRAs by name (add_lora); a batch merges the set its requests name, so the weights are shared state:
+        # batches run one at a time under the lock.
+        self.loras: dict[str, LoRA] = {}
+        self._merge = LoRAMerge(self.text_encoder, self.unet)
+        self._weights_lock = threading.RLock()
         self._fp32_vae = None
         self._fp32_vae_lock = threading.Lock()
 
@@ -218,15 +229,19 @@ class Pipeline:
                 raise (error.under(f"requests[{k}]") if "prompt" in error.field else error) from None
         # A batch per (settings, chunks per text-encoder row): the rows of one U-Net pass share a context
         # length, and padding a prompt to a longer neighbour's length would change its image.
-        batches: dict[tuple[Generation, int], list[int]] = {}
+        # A LoRA set (the settings' and the prompt's <lora:> tags) is merged per batch, so it joins the key.
+        batches: dict[tuple[Generation, int, tuple], list[int]] = {}
         for k, (request, prompts) in enumerate(zip(requests, parsed, strict=True)):
             chunks = prompts.chunk_count(uses_guidance(request.generation))
-            batches.setdefault((request.generation, chunks), []).append(k)
+            loras = self.loras_of(request, prompts, f"requests[{k}]")
+            batches.setdefault((request.generation, chunks, loras), []).append(k)
         results: list[Result | None] = [None] * len(requests)
-        for (generation, _), rows in batches.items():
+        for (generation, _, loras), rows in batches.items():
             images = None if init_images is None else [init_images[k] for k in rows]
-            batch = self._batch([requests[k] for k in rows], generation, images, callback, progress,
-                                [parsed[k] for k in rows])
+            with self._weights_lock:
+                self.use_loras(loras)
+                batch = self._batch([requests[k] for k in rows], generation, images, callback, progress,
+                                    [parsed[k] for k in rows])
             for k, result in zip(rows, batch, strict=True):
                 results[k] = result
         return results
@@ -270,21 +285,83 @@ class Pipeline:
                     for k, (request, ok) in enumerate(zip(requests, finite, strict=True))]
 
     def metadata(self, request: Request) -> dict:
-        """The settings of one image as sdcore.png writes them: the request and the model that made it."""
+        """The settings of one image as sdcore.png writes them: the request and the model that made it, with
+        every adapter it used (the LoRAs of its settings and its <lora:> tags, the embeddings its prompts
+        name, a VAE file) and each one's SHA-256."""
+        parsed = self.parse(request)
         settings = {
             **request.to_dict(), "model": self.name, "model_hash": self.model_hash,
             "precision": self.precision, "random_model": bool(self.is_random),
         }
+        self.loras_of(request, parsed)  # every LoRA named is loaded
+        settings["loras"] = [{"name": name, "weight": weight, "sha256": self.loras[name].sha256}
+                             for name, weight in request.generation.loras]
+        tagged = self.loras_of(Request(request.prompt, request.seed), parsed)  # the tags' alone
+        if tagged:
+            settings["prompt_loras"] = [{"name": name, "weight": weight, "sha256": self.loras[name].sha256}
+                                        for name, weight in tagged]
+        used = dict.fromkeys((*parsed.prompt.embeddings, *parsed.negative.embeddings))
+        if used:
+            settings["embeddings"] = [{"name": name, "sha256": self.embedding_files[name].sha256
+                                       if name in self.embedding_files else None} for name in used]
+        if self.parts.vae_name:
+            settings["vae"] = {"name": self.parts.vae_name, "sha256": self.parts.vae_sha256}
         if self.winograd:
             settings["winograd"] = True  # recorded only when on: it is why a rerun without it may differ
         return settings
 
     # -- stages -------------------------------------------------------------------------------------------
 
+    # -- adapters -----------------------------------------------------------------------------------------
+
+    def add_lora(self, path, name: str | None = None) -> str:
+        """Read a LoRA file (sdcore.lora: kohya/A1111 or diffusers/PEFT layout) under `name` (default: the
+        file's stem, what `<lora:name:w>` tags use); requests then name it in Generation.loras or in a tag.
+        Returns the name."""
+        lora = read_lora(path)
+        self.loras[name or lora.name] = lora
+        return name or lora.name
+
+    def add_embedding(self, path, name: str | None = None) -> str:
+        """Read a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds) under
+        `name` (default: the file's token or stem); a prompt word equal to it stands for its vectors."""
+        embedding = read_embedding(path, name, width=self.text_encoder.cfg.width)
+        self.embeddings[embedding.name] = embedding.vectors
+        self.embedding_files[embedding.name] = embedding
+        return embedding.name
+
+    def loras_of(self, request: Request, parsed: ParsedRequest, where: str = "request"
+                 ) -> tuple[tuple[str, float], ...]:
+        """The LoRA set one request runs with: its settings' loras plus its prompt's <lora:name:w> tags (a
+        name in both adds up, as A1111 applies each), sorted; each must be loaded (add_lora)."""
+        weights = dict(request.generation.loras)
+        for tag in parsed.prompt.networks:
+            if not tag.is_lora:
+                continue
+            if tag.unet_weight != tag.weight:
+                raise InvalidField(f"{where}.prompt", f"{tag.text} gives the U-Net its own weight",
+                                   "one weight for text encoder and U-Net alike: <lora:name:w>")
+            weights[tag.name] = weights.get(tag.name, 0.0) + tag.weight
+        unknown = sorted(set(weights) - set(self.loras))
+        if unknown:
+            loaded = ", ".join(sorted(self.loras)) or "none loaded"
+            raise InvalidField(f"{where}.loras", f"LoRA {unknown[0]!r} is not loaded",
+                               f"a LoRA added with Pipeline.add_lora ({loaded})")
+        return tuple(sorted(weights.items()))
+
+    def use_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """Merge exactly this set into the weights (nothing to do when it already is; () restores the base
+        weights bit for bit). A batch calls it under the weights lock."""
+        with self._weights_lock:
+            wanted = [(self.loras[name], weight) for name, weight in loras if weight != 0]
+            if [(id(lora), w) for lora, w in wanted] != [(id(lora), w) for lora, w in self._merge.active]:
+                self._merge.apply(wanted)
+                self._empty_chunk_states.clear()  # the text encoder changed
+
     def parse(self, request: Request) -> ParsedRequest:
         """The request's prompts as the text encoder reads them (sdcore.prompts, A1111's syntax), with the
-        extra-network tags (<lora:name:weight>) cut out of the prompt and listed in `.prompt.networks`.
-        They are not applied: this pipeline has no LoRA. A1111 cuts tags from the positive prompt only."""
+        extra-network tags (<lora:name:weight>) cut out of the prompt and listed in `.prompt.networks`
+        (`loras_of` turns them into the request's LoRA set). A1111 cuts tags from the positive prompt only."""
         sizes = self._embedding_sizes()
         return ParsedRequest(
             parse_prompt(request.prompt, self.tokenizer, sizes),

@@ -27,9 +27,10 @@ from sdcore.params import GENERATION_FIELDS, SAMPLERS
 MODEL_KEYS = ("model", "model_hash", "precision", "random_model")
 REQUIRED_KEYS = ("prompt", "negative_prompt", "seed",
                  *(name for name in GENERATION_FIELDS if name != "strength"), *MODEL_KEYS)
-# Written when present: loras [{"name", "weight", "sha256"}], embeddings [{"name", "sha256"}] (the ones the
-# prompts used), vae {"name", "sha256"} (a VAE from its own file).
-OPTIONAL_KEYS = ("strength", "loras", "embeddings", "vae")
+# Written when present: loras [{"name", "weight", "sha256"}] (the settings' LoRAs), prompt_loras (the same,
+# from the prompt's <lora:name:w> tags), embeddings [{"name", "sha256"}] (the ones the prompts used), vae
+# {"name", "sha256"} (a VAE from its own file).
+OPTIONAL_KEYS = ("strength", "loras", "prompt_loras", "embeddings", "vae")
 
 # How many hex digits of a file's SHA-256 A1111 writes: sd_models' "Model hash" (AutoV2) and sd_vae's
 # "VAE hash"; the networks' `shorthash` of "Lora hashes" and "TI hashes". For a .safetensors LoRA, A1111's
@@ -72,9 +73,11 @@ def infotext(settings: dict) -> str:
     # Every image's noise comes from a CPU generator seeded with its seed (sdcore.noise), which is A1111's
     # "CPU" random source; an infotext without RNG means A1111's default, the GPU's.
     fields.append(("RNG", "CPU"))
-    for key, name in (("loras", "Lora hashes"), ("embeddings", "TI hashes")):
-        if settings.get(key):
-            fields.append((name, network_hashes(settings[key], key)))
+    loras = [*settings.get("loras", ()), *settings.get("prompt_loras", ())]
+    for key, name, entries in (("loras", "Lora hashes", loras), ("embeddings", "TI hashes",
+                                                                 settings.get("embeddings"))):
+        if entries:
+            fields.append((name, network_hashes(entries, key)))
     if settings["eta"]:
         fields.append((ETA_KEYS.get(sampler, "Eta"), settings["eta"]))
     fields.append(("Precision", settings["precision"]))

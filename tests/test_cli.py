@@ -41,6 +41,7 @@ def test_generate_writes_a_png_with_every_setting(made):
     assert settings == {
         "prompt": "a lighthouse at dusk", "negative_prompt": "fog", "seed": 7, "steps": 3,
         "sampler": "euler_a", "guidance_scale": 6.0, "eta": 0.0, "width": 64, "height": 64, "clip_skip": 1,
+        "loras": [],
         "model": "tiny-random", "model_hash": None, "precision": "fp32", "random_model": True,
     }  # fmt: skip
     parameters = Image.open(made).text["parameters"]

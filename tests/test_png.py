@@ -19,6 +19,7 @@ SETTINGS = {
     "guidance_scale": 7.5,
     "eta": 0.0,
     "clip_skip": 1,
+    "loras": [],
     "width": 64,
     "height": 48,
     "model": "v1-5-pruned-emaonly",
