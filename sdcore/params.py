@@ -34,6 +34,7 @@ CLIP_SKIP_RANGE = (1, 12)
 class SamplerInfo:
     a1111: str  # the name AUTOMATIC1111's web UI writes in its infotext for the same algorithm
     eta: bool = False  # whether the sampler takes an eta (its noise amount); others require eta 0
+    max_steps: int = MAX_STEPS  # the most steps its schedule has (LCM: the steps it was distilled on)
 
 
 # The samplers sdcore runs (sdcore.samplers implements each under the same name).
@@ -43,6 +44,14 @@ SAMPLERS = {
     "euler_a": SamplerInfo("Euler a"),
     "dpmpp_2m": SamplerInfo("DPM++ 2M"),
     "dpmpp_2m_karras": SamplerInfo("DPM++ 2M Karras"),
+    "euler": SamplerInfo("Euler"),
+    "heun": SamplerInfo("Heun"),
+    "lms": SamplerInfo("LMS"),
+    "pndm": SamplerInfo("PLMS"),
+    "unipc": SamplerInfo("UniPC"),
+    "dpmpp_2m_sde": SamplerInfo("DPM++ 2M SDE"),
+    "dpmpp_2m_sde_karras": SamplerInfo("DPM++ 2M SDE Karras"),
+    "lcm": SamplerInfo("LCM", max_steps=50),
 }
 
 
@@ -67,6 +76,11 @@ class Generation:
     def __post_init__(self):
         _check_choice("sampler", self.sampler, SAMPLERS)
         _set(self, "steps", check_int("steps", self.steps, 1, MAX_STEPS))
+        limit = SAMPLERS[self.sampler].max_steps
+        if self.steps > limit:
+            problem = f"{self.steps} with sampler {self.sampler}, which runs at most {limit}"
+            raise InvalidField("steps", problem, f"an integer from 1 to {limit}, or another sampler (up to "
+                                                 f"{MAX_STEPS})")
         _set(self, "guidance_scale", check_float("guidance_scale", self.guidance_scale, *GUIDANCE_RANGE))
         for side in ("width", "height"):
             size = check_int(side, getattr(self, side), MIN_SIZE, MAX_SIZE)

@@ -19,8 +19,14 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
+    UniPCMultistepScheduler,
 )
 from PIL import Image
 
@@ -51,10 +57,21 @@ SD15_SCHEDULER = dict(
 REFERENCE_SCHEDULERS = {
     "ddpm": lambda: DDPMScheduler.from_config(SD15_SCHEDULER),
     "ddim": lambda: DDIMScheduler.from_config(SD15_SCHEDULER),
+    "euler": lambda: EulerDiscreteScheduler.from_config(SD15_SCHEDULER),
     "euler_a": lambda: EulerAncestralDiscreteScheduler.from_config(SD15_SCHEDULER),
+    "heun": lambda: HeunDiscreteScheduler.from_config(SD15_SCHEDULER),
+    "lms": lambda: LMSDiscreteScheduler.from_config(SD15_SCHEDULER),
+    # SD 1.5's scheduler_config.json sets skip_prk_steps: PLMS from the first step.
+    "pndm": lambda: PNDMScheduler.from_config(SD15_SCHEDULER, skip_prk_steps=True),
+    "unipc": lambda: UniPCMultistepScheduler.from_config(SD15_SCHEDULER),
     "dpmpp_2m": lambda: DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER),
     "dpmpp_2m_karras": lambda: DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER,
                                                                        use_karras_sigmas=True),
+    "dpmpp_2m_sde": lambda: DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER,
+                                                                    algorithm_type="sde-dpmsolver++"),
+    "dpmpp_2m_sde_karras": lambda: DPMSolverMultistepScheduler.from_config(
+        SD15_SCHEDULER, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
+    "lcm": lambda: LCMScheduler.from_config(SD15_SCHEDULER),  # original_inference_steps 50: its default
 }
 
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dusk, oil painting", "blurry, low quality"
@@ -141,9 +158,17 @@ SAMPLER_CASES = [  # sampler, steps, eta
     ("ddpm", 3, 0.0),
     ("ddim", 3, 0.0),
     ("ddim", 3, 0.7),
+    ("euler", 3, 0.0),
     ("euler_a", 3, 0.0),
+    ("heun", 3, 0.0),
+    ("lms", 4, 0.0),
+    ("pndm", 4, 0.0),
+    ("unipc", 4, 0.0),
     ("dpmpp_2m", 4, 0.0),
     ("dpmpp_2m_karras", 4, 0.0),
+    ("dpmpp_2m_sde", 4, 0.0),
+    ("dpmpp_2m_sde_karras", 4, 0.0),
+    ("lcm", 4, 0.0),
 ]
 
 
@@ -158,7 +183,8 @@ def test_txt2img_equals_diffusers(tiny, sampler, steps, eta):
 
 
 @pytest.mark.parametrize(("sampler", "eta"), [("ddpm", 0.0), ("ddim", 0.5), ("euler_a", 0.0),
-                                              ("dpmpp_2m_karras", 0.0)])
+                                              ("dpmpp_2m_karras", 0.0), ("heun", 0.0), ("lms", 0.0),
+                                              ("pndm", 0.0), ("dpmpp_2m_sde", 0.0), ("lcm", 0.0)])
 def test_img2img_equals_diffusers(tiny, sampler, eta):
     image = init_image(128, 64)
     theirs = reference_image(tiny, sampler, seed=3, steps=5, width=128, height=64, eta=eta, image=image,
@@ -477,10 +503,15 @@ def test_bad_arguments_are_refused_naming_the_argument_and_the_range(tiny, overr
 def test_full_size_sd15_txt2img_and_img2img_equal_diffusers(tokenizer_folder):
     """The real SD 1.5 shapes (a 3.4 GB U-Net) at 64x64: run by hand under `flock /tmp/sd-heavy.lock`."""
     models = build_models(CLIPConfig(), UNetConfig(), VAEConfig(), tokenizer_folder)
+    txt2img = [  # sampler, steps, eta (lms at 4 steps reaches its 4th order; heun at 3 runs 5 U-Net calls)
+        ("dpmpp_2m_karras", 3, 0.0), ("ddim", 3, 0.5), ("euler", 3, 0.0), ("heun", 3, 0.0), ("lms", 4, 0.0),
+        ("pndm", 3, 0.0), ("unipc", 3, 0.0), ("dpmpp_2m_sde", 3, 0.0), ("dpmpp_2m_sde_karras", 3, 0.0),
+        ("lcm", 3, 0.0),
+    ]  # fmt: skip
     try:
-        for sampler, eta in (("dpmpp_2m_karras", 0.0), ("ddim", 0.5)):
-            theirs = reference_image(models, sampler, seed=1, steps=3, width=64, height=64, eta=eta)
-            ours = our_image(models, sampler, seed=1, steps=3, width=64, height=64, eta=eta)
+        for sampler, steps, eta in txt2img:
+            theirs = reference_image(models, sampler, seed=1, steps=steps, width=64, height=64, eta=eta)
+            ours = our_image(models, sampler, seed=1, steps=steps, width=64, height=64, eta=eta)
             assert_looks_like_an_image(theirs)
             assert max_level_difference(ours, theirs) <= 1, sampler
         image = init_image(64, 64)

@@ -2,6 +2,7 @@
 spacing and steps_offset 1) step by step, for txt2img and img2img, shares nothing between calls, draws each
 image's noise from that image's generator, and rejects arguments it cannot run with a message naming them."""
 
+import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +13,12 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
 )
 
 from sdcore import params, samplers
@@ -34,18 +41,39 @@ SD15_SCHEDULER_CONFIG = {
     # Not in SD 1.5's file: without it Euler and DPM-Solver fall back to "linspace".
     "timestep_spacing": "leading",
 }
+SDE = {"algorithm_type": "sde-dpmsolver++"}
 REFERENCE = {
     "ddpm": (DDPMScheduler, {}),
     "ddim": (DDIMScheduler, {}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {**SDE, "use_karras_sigmas": False}),
+    "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler, {**SDE, "use_karras_sigmas": True}),
+    "lcm": (LCMScheduler, {}),  # original_inference_steps 50, timestep_scaling 10: its defaults
 }
 # (sampler, eta): ddim also with eta > 0, where it draws noise.
 CASES = [(name, 0.0) for name in samplers.SAMPLERS] + [("ddim", 0.6)]
 STEP_COUNTS = (1, 2, 3, 10, 50, 999)
+IMG2IMG_CASES = [(10, 0.75), (50, 0.3), (3, 1.0), (7, 0.15), (10, 0.9), (999, 0.01)]  # (steps, strength)
 SEEDS = (11, 12)
 LATENT_SHAPE = (4, 8, 8)
+
+
+def max_steps(name: str) -> int:
+    return params.SAMPLERS[name].max_steps
+
+
+def timestep_step_counts(name: str) -> list[int]:
+    """Every step count up to 100, then every 7th and the last: the Karras schedules' reference takes ~0.1 s
+    per step count near 999 (measured once over all of 1..999: every count equal)."""
+    top = max_steps(name)
+    return sorted({*range(1, min(top, 100) + 1), *range(101, top + 1, 7), top})
 
 
 def reference_scheduler(name: str, steps: int):
@@ -92,11 +120,15 @@ def run(name, x, schedule, seeds, eta=0.0, model=pseudo_unet) -> list[torch.Tens
 
 
 def run_reference(scheduler, timesteps, x: torch.Tensor, gens, eta: float) -> list[torch.Tensor]:
-    extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    # What diffusers' pipelines pass (prepare_extra_step_kwargs): eta and the generators where step takes them
+    accepted = inspect.signature(scheduler.step).parameters
+    extra = {"eta": eta} if "eta" in accepted else {}
+    if "generator" in accepted:
+        extra["generator"] = gens
     trajectory = []
     for t in timesteps:
         eps = pseudo_unet(scheduler.scale_model_input(x, t), t)
-        x = scheduler.step(eps, t, x, generator=gens, **extra).prev_sample
+        x = scheduler.step(eps, t, x, **extra).prev_sample
         trajectory.append(x)
     return trajectory
 
@@ -114,8 +146,10 @@ def assert_same_trajectory(ours, reference):
         )
 
 
-@pytest.mark.parametrize("steps", STEP_COUNTS)
-@pytest.mark.parametrize("name, eta", CASES)
+@pytest.mark.parametrize(
+    "name, eta, steps",
+    [(name, eta, steps) for name, eta in CASES for steps in STEP_COUNTS if steps <= max_steps(name)],
+)
 def test_txt2img_trajectory_equals_diffusers(name, eta, steps):
     scheduler = reference_scheduler(name, steps)
     schedule = samplers.schedule(name, steps)
@@ -146,13 +180,41 @@ def test_half_precision_latents_step_in_half_like_diffusers(name, eta):
 
 @pytest.mark.parametrize("name", samplers.SAMPLERS)
 def test_timesteps_equal_diffusers_for_every_step_count(name):
-    for steps in range(1, params.MAX_STEPS + 1):
+    for steps in timestep_step_counts(name):
         expected = reference_scheduler(name, steps).timesteps.long()
         assert torch.equal(samplers.schedule(name, steps).timesteps, expected), f"steps={steps}"
 
 
-@pytest.mark.parametrize("steps, strength", [(10, 0.75), (50, 0.3), (3, 1.0), (7, 0.15), (999, 0.01)])
-@pytest.mark.parametrize("name, eta", CASES)
+@pytest.mark.parametrize(
+    "name, steps, calls",
+    [
+        ("heun", 3, [667, 334, 334, 1, 1]),  # each step calls at both ends, but the last, down to sigma 0
+        ("pndm", 3, [667, 334, 334, 1]),  # the first step is a predictor-corrector pair
+        ("pndm", 1, [1]),
+        ("lcm", 4, [999, 759, 499, 259]),  # from its 50 distillation timesteps 999, 979, ..., 19
+    ],
+)
+def test_the_model_runs_at_each_timestep_of_the_schedule_as_in_diffusers(name, steps, calls):
+    seen = []
+    trajectory = run(name, initial_noise(SEEDS), samplers.schedule(name, steps), SEEDS,
+                     model=lambda x, t: seen.append(int(t)) or pseudo_unet(x, t))
+    assert seen == calls
+    assert len(trajectory) == len(calls)  # the callback follows every model call, as diffusers counts steps
+
+
+def test_lcm_refuses_more_steps_than_it_was_distilled_on():
+    with pytest.raises(InvalidField) as error:
+        samplers.schedule("lcm", 51)
+    assert str(error.value) == ("steps: 51 with sampler lcm, which runs at most 50; accepted: an integer "
+                                "from 1 to 50, or another sampler (up to 999)")
+    assert len(samplers.schedule("lcm", 50).timesteps) == 50
+
+
+@pytest.mark.parametrize(
+    "name, eta, steps, strength",
+    [(name, eta, steps, strength) for name, eta in CASES for steps, strength in IMG2IMG_CASES
+     if steps <= max_steps(name)],
+)
 def test_img2img_tail_and_noising_equal_diffusers(name, eta, steps, strength):
     scheduler = reference_scheduler(name, steps)
     timesteps = reference_img2img_timesteps(scheduler, steps, strength)
@@ -181,7 +243,8 @@ def test_each_image_draws_noise_from_its_own_generator(name, eta):
 
 def test_concurrent_sample_calls_share_nothing():
     # Two dpmpp_2m calls on one schedule object: each keeps its own multistep history.
-    jobs = [("dpmpp_2m", (1, 2)), ("dpmpp_2m", (3, 4)), ("euler_a", (5, 6))]
+    jobs = [("dpmpp_2m", (1, 2)), ("dpmpp_2m", (3, 4)), ("euler_a", (5, 6)), ("lms", (7, 8)),
+            ("unipc", (9, 10))]
     schedules = {name: samplers.schedule(name, 20) for name, _ in jobs}
     alone = [run(name, initial_noise(seeds), schedules[name], seeds) for name, seeds in jobs]
 
@@ -220,13 +283,16 @@ def test_progress_bar_shows_when_enabled(capsys):
     assert "sdcore: 100%" in bar and "3/3" in bar and "step" in bar
 
 
+KNOWN = ("ddpm, ddim, euler_a, dpmpp_2m, dpmpp_2m_karras, euler, heun, lms, pndm, unipc, dpmpp_2m_sde, "
+         "dpmpp_2m_sde_karras, lcm")
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         (
-            {"name": "heun", "steps": 10},
-            "sampler: 'heun' is not a known sampler; accepted: ddpm, ddim, euler_a, dpmpp_2m, "
-            "dpmpp_2m_karras",
+            {"name": "plms", "steps": 10},
+            "sampler: 'plms' is not a known sampler; accepted: " + KNOWN,
         ),
         ({"name": "ddpm", "steps": 0}, "steps: 0 is out of range; accepted: an integer from 1 to 999"),
         (
@@ -269,8 +335,7 @@ def test_schedule_names_a_bad_argument_with_what_is_accepted(kwargs, message):
             "accepted: 0, or a sampler that takes one: ddim",
         ),
         ("ddim", -0.1, "eta: -0.1 is out of range; accepted: a finite number from 0 to 1"),
-        ("heun", 0.0, "sampler: 'heun' is not a known sampler; accepted: ddpm, ddim, euler_a, dpmpp_2m, "
-                      "dpmpp_2m_karras"),
+        ("plms", 0.0, "sampler: 'plms' is not a known sampler; accepted: " + KNOWN),
         ("ddim", 0.0, "schedule: was made for sampler euler_a, not ddim; accepted: a schedule from "
                       "samplers.schedule('ddim', ...)"),
     ],

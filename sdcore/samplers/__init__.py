@@ -1,5 +1,5 @@
 """Samplers for SD 1.5, each equal to its diffusers scheduler built from SD 1.5's scheduler config
-(timestep_spacing "leading", steps_offset 1).
+(timestep_spacing "leading", steps_offset 1, skip_prk_steps).
 
     from sdcore import samplers
     schedule = samplers.schedule(name, steps, strength=None)   # strength in (0, 1]: img2img runs the tail
@@ -9,8 +9,9 @@
 model(x_in, t) -> eps gets the sampler's model input and a 0-dim long tensor t from schedule.timesteps;
 noise(like) returns per-image N(0, 1) draws shaped and typed like `like` (k-diffusion's noise_sampler), e.g.
 `lambda like: sdcore.noise.randn(generators, like.shape[1:], torch.float32, like.device).to(like.dtype)`;
-callback(step, total, x) runs after every step, step = 1..total. A new sampler is one function in sampling.py
-and one line in SAMPLERS (and its name in sdcore.params.SAMPLERS).
+callback(step, total, x) runs after every model call, step = 1..total, as diffusers' pipelines count steps:
+heun calls the model twice a step but on the last (2 * steps - 1 calls), pndm twice on the first (steps + 1).
+A new sampler is one function in sampling.py and one line in SAMPLERS (and its name in params.SAMPLERS).
 """
 
 from collections.abc import Callable
@@ -23,8 +24,29 @@ from tqdm import tqdm
 from sdcore import params
 from sdcore.errors import InvalidField
 
-from .sampling import sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler_ancestral
-from .schedules import Schedule, Space, dpm_solver_schedule, karras_schedule, leading_schedule
+from .sampling import (
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_lcm,
+    sample_lms,
+    sample_plms,
+    sample_unipc,
+)
+from .schedules import (
+    Schedule,
+    Space,
+    dpm_solver_schedule,
+    heun_schedule,
+    karras_schedule,
+    lcm_schedule,
+    leading_schedule,
+    plms_schedule,
+)
 
 __all__ = ["SAMPLERS", "Sampler", "Schedule", "sample", "schedule"]
 
@@ -33,6 +55,8 @@ class Sampler(NamedTuple):
     schedule: Callable[[int], tuple[Tensor, Tensor]]  # steps -> the whole schedule's timesteps and sigmas
     sample: Callable[..., Tensor]  # the loop, sample_x(model, x, schedule, noise, callback[, eta])
     space: Space  # how its x holds x0 and noise: where it starts (see Schedule)
+    # Timesteps per step, diffusers' scheduler.order: img2img skips order * (steps - steps_run) of them.
+    order: int = 1
 
 
 SAMPLERS = {
@@ -41,6 +65,14 @@ SAMPLERS = {
     "euler_a": Sampler(leading_schedule, sample_euler_ancestral, "sigma"),
     "dpmpp_2m": Sampler(dpm_solver_schedule, sample_dpmpp_2m, "alpha_sigma"),
     "dpmpp_2m_karras": Sampler(karras_schedule, sample_dpmpp_2m, "alpha_sigma"),
+    "euler": Sampler(leading_schedule, sample_euler, "sigma"),
+    "heun": Sampler(heun_schedule, sample_heun, "sigma", order=2),
+    "lms": Sampler(leading_schedule, sample_lms, "sigma"),
+    "pndm": Sampler(plms_schedule, sample_plms, "alphas_cumprod"),
+    "unipc": Sampler(dpm_solver_schedule, sample_unipc, "alpha_sigma"),
+    "dpmpp_2m_sde": Sampler(dpm_solver_schedule, sample_dpmpp_2m_sde, "alpha_sigma"),
+    "dpmpp_2m_sde_karras": Sampler(karras_schedule, sample_dpmpp_2m_sde, "alpha_sigma"),
+    "lcm": Sampler(lcm_schedule, sample_lcm, "alphas_cumprod"),
 }
 
 if SAMPLERS.keys() != params.SAMPLERS.keys():
@@ -58,9 +90,9 @@ def schedule(name: str, steps: int, strength: float | None = None) -> Schedule:
     run = params.Generation(sampler=name, steps=steps, strength=strength).steps_run
     sampler = SAMPLERS[name]
     timesteps, sigmas = sampler.schedule(steps)
-    start = steps - run
+    start = sampler.order * (steps - run)
     sigmas = torch.cat([sigmas, torch.zeros(1)])  # the last step lands on sigma 0
-    return Schedule(name, steps, timesteps[start:], sigmas[start:], sampler.space)
+    return Schedule(name, steps, timesteps[start:], sigmas[start:], sampler.space, sigmas[:start])
 
 
 def sample(name: str, model: Callable[[Tensor, Tensor], Tensor], x: Tensor, schedule: Schedule,

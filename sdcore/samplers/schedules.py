@@ -2,8 +2,9 @@
 
 The numbers follow diffusers' schedulers built from SD 1.5's scheduler config with timestep_spacing "leading"
 and steps_offset 1, operation for operation in fp32, so a trajectory agrees with the reference to the bit.
-A schedule function (as k-diffusion's get_sigmas_*) gives the whole schedule of a step count: its timesteps,
-first to last, and the sigma of each.
+A schedule function (as k-diffusion's get_sigmas_*) gives the whole schedule of a step count: the timesteps
+the model runs at, first to last, as the reference's scheduler.timesteps lists them (one per model call, so
+Heun lists most twice), and the sigma of each.
 """
 
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor
+
+from sdcore import params
 
 TRAIN_STEPS = 1000
 STEPS_OFFSET = 1
@@ -24,9 +27,9 @@ ALPHAS_CUMPROD = torch.cumprod(1.0 - BETAS, dim=0)
 SIGMAS = ((1 - ALPHAS_CUMPROD) / ALPHAS_CUMPROD) ** 0.5
 
 # How a sampler's x holds x0 and noise at a step; each diffusers scheduler noises an init image its own way:
-#   "alphas_cumprod"  x = sqrt(a) x0 + sqrt(1 - a) noise, a = alphas_cumprod[t]   (DDPM, DDIM)
-#   "sigma"           x = x0 + sigma noise, variance exploding                      (Euler)
-#   "alpha_sigma"     the first, with a = 1 / (sigma^2 + 1) computed from sigma     (DPM-Solver)
+#   "alphas_cumprod"  x = sqrt(a) x0 + sqrt(1 - a) noise, a = alphas_cumprod[t]   (DDPM, DDIM, PLMS, LCM)
+#   "sigma"           x = x0 + sigma noise, variance exploding                      (Euler, Heun, LMS)
+#   "alpha_sigma"     the first, with a = 1 / (sigma^2 + 1) computed from sigma     (DPM-Solver, UniPC)
 Space = Literal["alphas_cumprod", "sigma", "alpha_sigma"]
 
 
@@ -37,9 +40,13 @@ class Schedule:
 
     sampler: str  # the sampler it was made for; sample() refuses to run another on it
     steps: int  # the whole schedule's step count; img2img runs only its tail
-    timesteps: Tensor  # long: the timesteps that run (img2img: the tail, diffusers' get_timesteps)
+    # long: the timesteps that run, one per model call (img2img: the tail, diffusers' get_timesteps)
+    timesteps: Tensor
     sigmas: Tensor  # fp32: the sigma at each of them, then 0, where the last step lands
     space: Space
+    # fp32: img2img: the sigmas of the timesteps before the tail, which never run; LMS's coefficients reach
+    # back to them, as the reference's do. Empty for txt2img.
+    skipped_sigmas: Tensor
 
     @property
     def init_noise_sigma(self) -> float:
@@ -99,3 +106,37 @@ def karras_schedule(steps: int, rho: float = 7.0) -> tuple[Tensor, Tensor]:
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
     timesteps = ((1 - w) * low + w * high).round()
     return torch.from_numpy(timesteps).long(), torch.from_numpy(karras.astype(np.float32))
+
+
+def heun_schedule(steps: int) -> tuple[Tensor, Tensor]:
+    """leading_schedule with every timestep after the first listed twice, as diffusers lists Heun's model
+    calls: a step calls the model at its start and again at its end, so t1, t2, ... each end one step and
+    start the next; the last step, down to sigma 0, calls it once. 3 steps: 667, 334, 334, 1, 1."""
+    timesteps, sigmas = leading_schedule(steps)
+    return (torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)]),
+            torch.cat([sigmas[:1], sigmas[1:].repeat_interleave(2)]))
+
+
+def plms_schedule(steps: int) -> tuple[Tensor, Tensor]:
+    """leading_schedule with its second timestep listed twice, as diffusers' PNDMScheduler (skip_prk_steps)
+    runs PLMS: the first step has no history, so it is a predictor-corrector pair that calls the model at both
+    of its ends. 3 steps: 667, 334, 334, 1 (one step: 1)."""
+    timesteps, _ = leading_schedule(steps)
+    timesteps = torch.cat([timesteps[:2], timesteps[1:]])
+    return timesteps, SIGMAS[timesteps]
+
+
+# LCM (Luo et al. 2023) was distilled on a 50-step schedule (diffusers' original_inference_steps): it runs a
+# subset of it, so params lets it run at most that many steps.
+LCM_ORIGINAL_STEPS = params.SAMPLERS["lcm"].max_steps
+
+
+def lcm_schedule(steps: int) -> tuple[Tensor, Tensor]:
+    """`steps` of the distillation's timesteps 999, 979, ..., 19, evenly spaced by index (floored), as
+    diffusers' LCMScheduler picks them; steps_offset and the spacing setting do not apply. 4 steps: 999, 759,
+    499, 259."""
+    stride = TRAIN_STEPS // LCM_ORIGINAL_STEPS
+    original = (np.arange(1, LCM_ORIGINAL_STEPS + 1) * stride - 1)[::-1]
+    picked = np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, num=steps, endpoint=False)).astype(np.int64)
+    timesteps = torch.from_numpy(original[picked].copy())
+    return timesteps, SIGMAS[timesteps]
