@@ -18,6 +18,7 @@ from typing import Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from worker.adapters import AdapterError, Adapters, loras_named
 from worker.config import ModelSettings
 from worker.jobs import Job
 from worker.messages import from_message
@@ -37,12 +38,18 @@ class Recorder(Protocol):
     def failed(self, job_id: str, reason: str) -> None: ...
 
 
-def load_pipeline(model: ModelSettings):
+def load_pipeline(model: ModelSettings, adapters: Adapters | None = None):
     """The pipeline `model:` names, as configured: sdcore itself resolves device auto, the precision it
-    implies and where winograd can run."""
+    implies and where winograd can run; with every embedding of the adapter locations added (the prompt word
+    is the file's stem). LoRAs are added by the batches that name them (BatchRunner)."""
     import sdcore
 
-    return sdcore.load(model.checkpoint, device=model.device, dtype=model.precision, winograd=model.winograd)
+    pipe = sdcore.load(model.checkpoint, device=model.device, dtype=model.precision, winograd=model.winograd,
+                       vae=model.vae)
+    if adapters is not None:
+        for name in adapters.available("embeddings"):
+            pipe.add_embedding(adapters.path("embeddings", name), name)
+    return pipe
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -54,12 +61,31 @@ def is_out_of_memory(error: BaseException) -> bool:
 class BatchRunner:
     """Makes the images of micro-batches with one resident pipeline and writes them to one store."""
 
-    def __init__(self, pipe, store, hostname: str):
-        self.pipe, self.store, self.hostname = pipe, store, hostname
+    def __init__(self, pipe, store, hostname: str, adapters: Adapters | None = None):
+        self.pipe, self.store, self.hostname, self.adapters = pipe, store, hostname, adapters
         self.uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload")
+
+    def load_loras(self, jobs: list[Job]) -> None:
+        """Add every LoRA the jobs name that the pipeline lacks, from the adapter locations (downloaded into
+        the cache on first use). One that cannot be had is left out: its jobs fail with sdcore's reason. A
+        store that is down raises StorageUnavailable (the batch is retried later)."""
+        names = set()
+        for job in jobs:
+            try:
+                names.update(loras_named(job.request.prompt, job.request.generation.loras))
+            except ValueError:
+                pass  # a malformed tag: the job fails in the pipeline, naming it
+        for name in sorted(names - set(self.pipe.loras)):
+            if self.adapters is None:
+                continue
+            try:
+                self.pipe.add_lora(self.adapters.path("loras", name), name)
+            except (AdapterError, KeyError, ValueError) as error:  # CheckpointError: a file sdcore refuses
+                log.error("LoRA %s could not be loaded: %s", name, error)
 
     def run(self, run_id: str, jobs: list[Job], recorder: Recorder) -> None:
         recorder.started()
+        self.load_loras(jobs)
         start = time.perf_counter()
         outcomes = self._generate_isolated(jobs)
         generate_s = (time.perf_counter() - start) / len(jobs)

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args, settings: Settings) -> int:
     from tqdm import tqdm
 
+    from worker.adapters import Adapters
     from worker.batch import BatchRunner, load_pipeline, process
     from worker.client import prepare
     from worker.jobs import micro_batches, run_record
@@ -109,11 +110,13 @@ def cmd_run(args, settings: Settings) -> int:
     _print_skipped(errors)
     store = open_storage(settings.storage, args.out)
     store.put(f"{run_id}/run.jsonl", run_record(run_id, header, jobs), "application/x-ndjson")
-    pipe = load_pipeline(settings.model)
+    adapters = Adapters(settings.adapters, settings.storage.endpoint_url) if settings.adapters.configured \
+        else None
+    pipe = load_pipeline(settings.model, adapters)
     if pipe.is_random:
         print(f"sdbatch: model {pipe.name} has random weights: its images are noise patterns, not art",
               file=sys.stderr)
-    runner = BatchRunner(pipe, store, f"local@{socket.gethostname()}")
+    runner = BatchRunner(pipe, store, f"local@{socket.gethostname()}", adapters)
     recorder = LocalRecorder(tqdm(total=len(jobs), unit="img", desc=run_id))
     for batch in micro_batches(jobs, settings.sampling.micro_batch):
         process(to_message(run_id, batch), runner, settings.limits, lambda _: recorder)

@@ -62,17 +62,42 @@ def prepare(prompts, settings: Settings, run_id: str | None = None, images_per_p
     except InvalidField as error:
         raise RunError(str(error)) from None
     defaults, limits = settings.sampling.generation, settings.limits
+    check = lora_check(settings)
     if isinstance(prompts, str | os.PathLike):
-        entries, errors = read_prompt_file(prompts, defaults, limits, images_per_prompt, skip_invalid)
+        entries, errors = read_prompt_file(prompts, defaults, limits, images_per_prompt, skip_invalid, check)
     else:
         records = [(n, {"prompt": p} if isinstance(p, str) else p) for n, p in enumerate(prompts, start=1)]
-        entries, errors = check_records(records, "prompts", defaults, limits, images_per_prompt, skip_invalid)
+        entries, errors = check_records(records, "prompts", defaults, limits, images_per_prompt, skip_invalid,
+                                        check)
     jobs = expand(entries, base_seed)
     header = {"created": time.time(), "base_seed": base_seed, "jobs": len(jobs),
               "source": os.fspath(prompts) if isinstance(prompts, str | os.PathLike) else "python",
               "model": settings.model.checkpoint, "precision": settings.model.precision,
               "micro_batch": settings.sampling.micro_batch, "enqueued_by": platform.node()}
     return run_id, jobs, errors, header
+
+
+def lora_check(settings: Settings):
+    """check_entry for the prompt readers: every LoRA a line names (its `loras` field, its <lora:> tags) must
+    be in the adapter locations; they are listed once, on the first line that names one."""
+    from worker.adapters import Adapters, loras_named
+
+    adapters = None
+
+    def check(entry) -> None:
+        nonlocal adapters
+        names = loras_named(entry.prompt, entry.generation.loras)
+        if not names:
+            return
+        if adapters is None:
+            adapters = Adapters(settings.adapters, settings.storage.endpoint_url)
+        known = adapters.available("loras") if settings.adapters.configured else {}
+        missing = [name for name in names if name not in known]
+        if missing:
+            raise InvalidField("loras", f"LoRA {missing[0]!r} is not in {adapters.where('loras')}",
+                               ", ".join(known) or "none there")
+
+    return check
 
 
 def enqueue(prompts, config, run_id: str | None = None, images_per_prompt: int = 1, seed: int | None = None,

@@ -1,10 +1,13 @@
 """YAML config -> validated, frozen settings.
 
-    model:    {checkpoint: PATH | tiny-random, precision: fp32|fp16|bf16, device: auto|cpu|cuda, winograd}
+    model:    {checkpoint: PATH | tiny-random, precision: fp32|fp16|bf16, device: auto|cpu|cuda, winograd,
+               vae: PATH (optional: a standalone VAE instead of the checkpoint's)}
     sampling: {sampler, steps, guidance_scale, width, height, eta, micro_batch, seed}
               (sdcore.params.Generation's fields but img2img's strength, with its defaults and checks)
     broker:   {url: redis://[:PASSWORD@]HOST:PORT/DB | rediss://..., queue}
     storage:  {url: s3://BUCKET/PREFIX | file:///DIR | file://./DIR, endpoint_url}
+    adapters: {dir: PATH, url: s3://BUCKET/PREFIX | file://DIR, cache: PATH} (optional; worker.adapters):
+              LoRA files loras/NAME.safetensors|.pt|.ckpt and embeddings embeddings/NAME.pt|.safetensors|.bin
     limits:   {max_pixels, max_steps, max_prompt_chars, max_images_per_prompt, max_jobs_per_run,
                step_seconds, batch_time_limit, max_memory_per_child_mb}
 
@@ -45,6 +48,7 @@ class ModelSettings:
     precision: str = "fp32"
     device: str = "auto"
     winograd: bool = False  # CPU fp32 workers: U-Net convolutions as Winograd (sdcore Pipeline.use_winograd)
+    vae: str | None = None  # a standalone VAE file or folder (sdcore.load(..., vae=))
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,21 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class AdapterSettings:
+    """Where LoRA and embedding files live: a local folder and/or a store whose files workers download into
+    `cache` on first use (the local folder wins for a name both hold)."""
+
+    dir: str | None = None
+    url: str | None = None
+    cache: str = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                              "sdbatch", "adapters")
+
+    @property
+    def configured(self) -> bool:
+        return self.dir is not None or self.url is not None
+
+
+@dataclass(frozen=True)
 class Settings:
     path: str
     model: ModelSettings
@@ -76,10 +95,11 @@ class Settings:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     limits: Limits = field(default_factory=Limits)
+    adapters: AdapterSettings = field(default_factory=AdapterSettings)
 
 
 SECTIONS = {"model": ModelSettings, "sampling": SamplingSettings, "broker": BrokerSettings,
-            "storage": StorageSettings, "limits": Limits}
+            "storage": StorageSettings, "limits": Limits, "adapters": AdapterSettings}
 
 
 def load_config(path: str | os.PathLike, environ: dict | None = None) -> Settings:
@@ -133,7 +153,9 @@ def _settings(path: str, document: dict, environ) -> Settings:
     broker, storage = BrokerSettings(**broker), StorageSettings(**storage)
     _check_broker(broker, environ)
     _check_storage(storage, environ)
-    return Settings(path=path, model=model, sampling=sampling, broker=broker, storage=storage, limits=limits)
+    adapters = _adapters(raw["adapters"])
+    return Settings(path=path, model=model, sampling=sampling, broker=broker, storage=storage, limits=limits,
+                    adapters=adapters)
 
 
 def _section(name: str, values: object) -> dict:
@@ -190,7 +212,23 @@ def _model(values: dict) -> ModelSettings:
     if model.winograd and (model.device == "cuda" or model.precision != "fp32"):
         raise InvalidField("model.winograd", f"true with device {model.device}, precision {model.precision}",
                            "true only with precision fp32 and device cpu or auto (GPU workers ignore it)")
+    if model.vae is not None and (not isinstance(model.vae, str) or not model.vae.strip()):
+        raise InvalidField("model.vae", f"{model.vae!r} is not a path",
+                           "the path of a VAE file (.safetensors / .ckpt / .pt) or diffusers VAE folder")
     return model
+
+
+def _adapters(values: dict) -> AdapterSettings:
+    for key in ("dir", "cache"):
+        value = values.get(key)
+        if key in values and (not isinstance(value, str) or not value.strip()):
+            holding = " holding loras/ and/or embeddings/" if key == "dir" else ""
+            raise InvalidField(f"adapters.{key}", f"{value!r} is not a path", f"a folder path{holding}")
+    if values.get("url") is not None:
+        parse_storage_url(values["url"], "adapters.url")
+    elif "url" in values:
+        raise InvalidField("adapters.url", "is null", "s3://BUCKET/PREFIX or file:///DIR, or leave it out")
+    return AdapterSettings(**values)
 
 
 def _sampling(values: dict, limits: Limits) -> SamplingSettings:

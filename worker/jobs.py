@@ -84,9 +84,10 @@ class Job:
 # --- reading and checking input -----------------------------------------------------------------------------
 
 def read_prompt_file(path: str | os.PathLike, defaults: Generation, limits: Limits, images: int = 1,
-                     skip_invalid: bool = False) -> tuple[list[Entry], list[str]]:
+                     skip_invalid: bool = False, check_entry=None) -> tuple[list[Entry], list[str]]:
     """Parse and check every line of `path`. Returns (valid entries, errors of skipped lines); raises
-    PromptFileError listing every bad line unless `skip_invalid`."""
+    PromptFileError listing every bad line unless `skip_invalid`. `check_entry(entry)`, when given, checks a
+    valid line further (the client: its LoRAs exist) and raises InvalidField to refuse it."""
     path = os.fspath(path)
     extension = os.path.splitext(path)[1].lower()
     if extension not in FORMATS:
@@ -96,11 +97,11 @@ def read_prompt_file(path: str | os.PathLike, defaults: Generation, limits: Limi
         # surrogateescape keeps a line with invalid UTF-8 readable; check_text then reports exactly that line
         text = f.read().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
     records = {".txt": _txt_records, ".jsonl": _jsonl_records, ".csv": _csv_records}[extension](text)
-    return check_records(records, path, defaults, limits, images, skip_invalid)
+    return check_records(records, path, defaults, limits, images, skip_invalid, check_entry)
 
 
 def check_records(records, source: str, defaults: Generation, limits: Limits, images: int = 1,
-                  skip_invalid: bool = False) -> tuple[list[Entry], list[str]]:
+                  skip_invalid: bool = False, check_entry=None) -> tuple[list[Entry], list[str]]:
     """Check (line, record-dict or error message) pairs; see read_prompt_file."""
     entries, errors = [], []
     for line, record in records:
@@ -108,7 +109,10 @@ def check_records(records, source: str, defaults: Generation, limits: Limits, im
             errors.append(f"{source}:{line}: {record}")
             continue
         try:
-            entries.append(check_record(line, record, defaults, limits, images))
+            entry = check_record(line, record, defaults, limits, images)
+            if check_entry is not None:
+                check_entry(entry)
+            entries.append(entry)
         except InvalidField as error:
             errors.append(f"{source}:{line}: {error}")
     total = sum(entry.images for entry in entries)

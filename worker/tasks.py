@@ -26,6 +26,7 @@ from celery.signals import worker_process_init
 from redis import Redis
 
 from worker import config, progress
+from worker.adapters import Adapters
 from worker.batch import BatchRunner, load_pipeline, process
 from worker.config import Settings
 from worker.messages import TASK_NAME, MessageError, from_message
@@ -50,8 +51,10 @@ class BatchTask(Task):
     @cached_property
     def runner(self) -> BatchRunner:
         """The resident pipeline and the store; made in a pool process only."""
-        pipe = load_pipeline(self.settings.model)
-        return BatchRunner(pipe, open_storage(self.settings.storage), socket.gethostname())
+        adapters = Adapters(self.settings.adapters, self.settings.storage.endpoint_url) \
+            if self.settings.adapters.configured else None
+        pipe = load_pipeline(self.settings.model, adapters)
+        return BatchRunner(pipe, open_storage(self.settings.storage), socket.gethostname(), adapters)
 
     def recorder(self, run_id: str) -> progress.RunProgress:
         return progress.RunProgress(self.redis, run_id)
