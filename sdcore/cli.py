@@ -118,12 +118,10 @@ def run_generate(args: argparse.Namespace) -> str:
             values[name] = getattr(args, flag)
     values.setdefault("seed", secrets.randbelow(2**32))
     lora_files = [lora_file(text) for text in args.lora]
-    recorded_weights = {lora["name"]: lora["weight"] for lora in recorded.get("loras", [])}
-    values["loras"] = [*({"name": name, "weight": weight} for name, weight in recorded_weights.items()
-                         if name not in {path.stem for path, _ in lora_files})]
+    weights = {lora["name"]: lora["weight"] for lora in recorded.get("loras", [])}
     for path, weight in lora_files:
-        values["loras"].append({"name": path.stem, "weight": recorded_weights.get(path.stem, 1.0)
-                                if weight is None else weight})
+        weights[path.stem] = weights.get(path.stem, 1.0) if weight is None else weight
+    values["loras"] = [{"name": name, "weight": weight} for name, weight in weights.items()]
     if img2img:
         values.setdefault("strength", IMG2IMG_STRENGTH)
     request = Request.from_dict(values)  # every setting checked before the model loads
