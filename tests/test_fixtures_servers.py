@@ -1,13 +1,15 @@
 """The server fixtures are what the integration tests stand on: prove they are real and behave as promised."""
 
+import json
 import signal
+import urllib.request
 from pathlib import Path
 
 import pytest
 import redis
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from tests.fixtures_servers import live_processes_in_group, sdbatch_env, worker_command
+from tests.fixtures_servers import MAX_VOLUMES, live_processes_in_group, sdbatch_env, worker_command
 
 pytestmark = pytest.mark.integration
 pytest_plugins = ["tests.fixtures_servers"]
@@ -53,6 +55,15 @@ def test_s3_keeps_its_objects_across_a_kill_and_restart_on_the_same_ports(s3_ser
 
     assert s3_server.endpoint_url == endpoint
     assert s3_server.client().get_object(Bucket=s3_bucket, Key="survivor")["Body"].read() == b"still here"
+
+
+def test_s3_has_room_for_a_volume_per_bucket_of_the_suite_whatever_the_disk(s3_server):
+    """Each bucket takes a volume of its own. Sized from free disk, mini gave ~75 on a CI machine, and the
+    suite's later puts failed with InternalError ("no free volumes left")."""
+    status = json.load(urllib.request.urlopen(f"http://127.0.0.1:{s3_server.ports['master.port']}/dir/status"))
+
+    assert status["Topology"]["Max"] == MAX_VOLUMES
+    assert status["Topology"]["Free"] > MAX_VOLUMES // 2
 
 
 def test_s3_env_gives_a_subprocess_credentials_only_through_standard_variables(s3_server):
