@@ -137,10 +137,16 @@ def run_generate(args: argparse.Namespace) -> str:
     # sdcore.load leaves it off on a GPU that device "auto" finds.
     winograd = args.winograd or (bool(recorded.get("winograd")) and args.device in (None, "auto", "cpu")
                                  and (args.precision or "fp32") == "fp32")
-    if recorded.get("vae") and args.vae is None:
-        raise ValueError(f"{args.from_png} was made with VAE {recorded['vae']['name']!r}; pass --vae FILE")
+    # A request that named its VAE (Generation.vae, e.g. an sdbatch job's) is remade with --vae under that
+    # name, so its record stays the same; otherwise --vae replaces the checkpoint's VAE.
+    named_vae = request.generation.vae
+    if (recorded.get("vae_file") or named_vae) and args.vae is None:
+        made_with = (recorded.get("vae_file") or {}).get("name") or named_vae
+        raise ValueError(f"{args.from_png} was made with VAE {made_with!r}; pass --vae FILE")
     pipe = load(checkpoint, device=args.device or "auto", dtype=args.precision or recorded.get("precision"),
-                winograd=winograd, vae=args.vae)
+                winograd=winograd, vae=None if named_vae else args.vae)
+    if named_vae:
+        pipe.add_vae(args.vae, named_vae)
     for path, _ in lora_files:
         pipe.add_lora(path)
     for path in args.embedding:

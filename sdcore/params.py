@@ -72,6 +72,9 @@ class Generation:
     # LoRAs merged into the model for this batch, as (name, weight) pairs sorted by name; a pipeline knows
     # them by name (Pipeline.add_lora). Also given as [{"name": ..., "weight": ...}], as job files write them.
     loras: tuple[tuple[str, float], ...] = ()
+    # A VAE the pipeline knows by name (Pipeline.add_vae) that encodes and decodes in place of the model's
+    # own; None is the model's (the checkpoint's, or the file given to sdcore.load(vae=)).
+    vae: str | None = None
 
     def __post_init__(self):
         _check_choice("sampler", self.sampler, SAMPLERS)
@@ -104,6 +107,8 @@ class Generation:
             _set(self, "strength", strength)
         _set(self, "clip_skip", check_int("clip_skip", self.clip_skip, *CLIP_SKIP_RANGE))
         _set(self, "loras", check_loras(self.loras))
+        if self.vae is not None:
+            check_text("vae", self.vae, max_chars=255, allow_blank=False)
 
     @property
     def steps_run(self) -> int:
@@ -112,7 +117,11 @@ class Generation:
         return self.steps if self.strength is None else min(int(self.steps * self.strength), self.steps)
 
     def to_dict(self) -> dict:
+        """Every field; strength and vae only when set (records of plain txt2img images stay as they were)."""
         values = dataclasses.asdict(self)
+        for name in OPTIONAL_FIELDS:
+            if values[name] is None:
+                del values[name]
         values["loras"] = [{"name": name, "weight": weight} for name, weight in self.loras]
         return values
 
@@ -135,12 +144,9 @@ class Request:
                                "a sdcore.params.Generation")
 
     def to_dict(self) -> dict:
-        """Flat: prompt, negative_prompt, seed and every Generation field (strength only for img2img)."""
-        values = {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
-                  **self.generation.to_dict()}
-        if values["strength"] is None:
-            del values["strength"]
-        return values
+        """Flat: prompt, negative_prompt, seed and every Generation field (as Generation.to_dict)."""
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
+                **self.generation.to_dict()}
 
     @classmethod
     def from_dict(cls, values: dict) -> Request:
@@ -154,6 +160,7 @@ class Request:
 
 
 GENERATION_FIELDS = tuple(f.name for f in dataclasses.fields(Generation))
+OPTIONAL_FIELDS = ("strength", "vae")  # None by default, and then left out of records
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Generation)}
 
 

@@ -21,13 +21,14 @@ import copy
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from sdcore import samplers
-from sdcore.checkpoints import Components, load_components
+from sdcore.checkpoints import Components, VAEFile, load_components, read_vae_file
 from sdcore.embeddings import Embedding, read_embedding
 from sdcore.errors import InvalidField
 from sdcore.lora import LoRA, LoRAMerge, read_lora
@@ -113,7 +114,6 @@ class Pipeline:
         weight = next(self.unet.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         self.precision = next(name for name, dtype in DTYPES.items() if dtype == self.dtype)
-        self.latent_scale = self.vae.cfg.scaling_factor
         self.winograd = False
         # Textual inversion: name -> vectors [n, width]; a prompt word equal to a name stands for its vectors.
         self.embeddings: dict[str, torch.Tensor] = {}
@@ -125,7 +125,9 @@ class Pipeline:
         self.loras: dict[str, LoRA] = {}
         self._merge = LoRAMerge(self.text_encoder, self.unet)
         self._weights_lock = threading.RLock()
-        self._fp32_vae = None
+        # VAEs by name (add_vae), which requests name in Generation.vae in place of the model's own.
+        self.vaes: dict[str, VAEFile] = {}
+        self._fp32_vaes: dict[int, torch.nn.Module] = {}  # id(VAE) -> its fp32 copy, made on first need
         self._fp32_vae_lock = threading.Lock()
 
     @property
@@ -234,6 +236,7 @@ class Pipeline:
         for k, (request, prompts) in enumerate(zip(requests, parsed, strict=True)):
             chunks = prompts.chunk_count(uses_guidance(request.generation))
             loras = self.loras_of(request, prompts, f"requests[{k}]")
+            self.vae_of(request, f"requests[{k}]")
             batches.setdefault((request.generation, chunks, loras), []).append(k)
         results: list[Result | None] = [None] * len(requests)
         for (generation, _, loras), rows in batches.items():
@@ -250,6 +253,7 @@ class Pipeline:
                progress: bool, parsed: list[ParsedRequest]) -> list[Result]:
         g = generation
         schedule = samplers.schedule(g.sampler, g.steps, g.strength)
+        vae = self.vae if g.vae is None else self.vaes[g.vae].vae
         with torch.inference_mode():
             guided = uses_guidance(g)
             prompts = [request.prompt for request in parsed]
@@ -260,7 +264,7 @@ class Pipeline:
             if init_images is None:
                 x = randn(generators, latent_shape, device=self.device) * schedule.init_noise_sigma
             else:
-                clean = self.encode_images(init_images, generators, g.width, g.height)  # draws first
+                clean = self.encode_images(init_images, generators, g.width, g.height, vae)  # draws first
                 x = schedule.noised(clean, randn(generators, latent_shape, device=self.device))
 
             def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -281,13 +285,13 @@ class Pipeline:
             finite = x.flatten(1).isfinite().all(1).tolist()
             # One image at a time: a 512x512 decode holds ~0.5 GB per 128-channel fp16 map, so batching buys
             # little and costs peak memory; it also keeps the decode of an image free of its neighbours.
-            return [Result(request, to_pil(self.decode(x[k:k + 1])), ok)
+            return [Result(request, to_pil(self.decode(x[k:k + 1], vae)), ok)
                     for k, (request, ok) in enumerate(zip(requests, finite, strict=True))]
 
     def metadata(self, request: Request) -> dict:
         """The settings of one image as sdcore.png writes them: the request and the model that made it, with
         every adapter it used (the LoRAs of its settings and its <lora:> tags, the embeddings its prompts
-        name, a VAE file) and each one's SHA-256."""
+        name, the VAE's file when not the checkpoint's) and each one's SHA-256."""
         parsed = self.parse(request)
         settings = {
             **request.to_dict(), "model": self.name, "model_hash": self.model_hash,
@@ -304,8 +308,9 @@ class Pipeline:
         if used:
             settings["embeddings"] = [{"name": name, "sha256": self.embedding_files[name].sha256
                                        if name in self.embedding_files else None} for name in used]
-        if self.parts.vae_name:
-            settings["vae"] = {"name": self.parts.vae_name, "sha256": self.parts.vae_sha256}
+        vae_file = self.vae_of(request) if request.generation.vae else self.parts.vae_file
+        if vae_file is not None:
+            settings["vae_file"] = {"name": vae_file.name, "sha256": vae_file.sha256}
         if self.winograd:
             settings["winograd"] = True  # recorded only when on: it is why a rerun without it may differ
         return settings
@@ -329,6 +334,23 @@ class Pipeline:
         self.embeddings[embedding.name] = embedding.vectors
         self.embedding_files[embedding.name] = embedding
         return embedding.name
+
+    def add_vae(self, path, name: str | None = None) -> str:
+        """Read a standalone VAE file or diffusers folder (sdcore.checkpoints.load_vae) under `name` (default:
+        the file's stem); requests then name it in Generation.vae. Returns the name."""
+        vae_file = read_vae_file(path, self.device, self.dtype)
+        name = name or Path(path).stem
+        self.vaes[name] = vae_file
+        return name
+
+    def vae_of(self, request: Request, where: str = "request") -> VAEFile | None:
+        """The VAE file a request names (Generation.vae), which must be added (add_vae); None: the model's."""
+        name = request.generation.vae
+        if name is not None and name not in self.vaes:
+            added = ", ".join(sorted(self.vaes)) or "none added"
+            raise InvalidField(f"{where}.generation.vae", f"VAE {name!r} is not added",
+                               f"a VAE added with Pipeline.add_vae ({added}), or none for the model's own")
+        return None if name is None else self.vaes[name]
 
     def loras_of(self, request: Request, parsed: ParsedRequest, where: str = "request"
                  ) -> tuple[tuple[str, float], ...]:
@@ -417,38 +439,40 @@ class Pipeline:
         return sizes
 
     def encode_images(self, images: list[Image.Image], generators: list[torch.Generator], width: int,
-                      height: int) -> torch.Tensor:
+                      height: int, vae=None) -> torch.Tensor:
         """Scaled VAE posterior samples of the init images, one image at a time (diffusers' order).
-        An fp16 overflow in the encoder is redone in fp32, as in `decode`."""
+        An fp16 overflow in the encoder is redone in fp32, as in `decode`. vae: the model's by default."""
+        vae = vae or self.vae
         latents = []
         for image, generator in zip(images, generators, strict=True):
             pixels = from_pil(image, width, height).to(self.device)
-            posterior = self.vae.encode(pixels.to(self.dtype))
+            posterior = vae.encode(pixels.to(self.dtype))
             if self.dtype != torch.float32 and not all(torch.isfinite(p).all() for p in posterior):
-                posterior = self.fp32_vae().encode(pixels)
-            latents.append(self.latent_scale * posterior.sample([generator]).float())
+                posterior = self.fp32_vae(vae).encode(pixels)
+            latents.append(vae.cfg.scaling_factor * posterior.sample([generator]).float())
         return torch.cat(latents)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, vae=None) -> torch.Tensor:
         """VAE decode to images in about [-1, 1], fp32, never NaN/inf.
 
         fp16 activations can overflow in the VAE decoder (65504 is fp16's largest value), which turns an
         image into NaN and then black. Decoding every image in fp32 would double the cost of the most
         expensive single call at 512x512 (~2.5 TFLOP), so decode in the model's precision and redo only a
         non-finite result with an fp32 copy of the VAE, made on first need. bf16 has fp32's range; the
-        check costs one reduction.
+        check costs one reduction. vae: the model's by default.
         """
-        unscaled = latents / self.latent_scale
-        images = self.vae.decode(unscaled.to(self.dtype)).float()
+        vae = vae or self.vae
+        unscaled = latents / vae.cfg.scaling_factor
+        images = vae.decode(unscaled.to(self.dtype)).float()
         if self.dtype != torch.float32 and not torch.isfinite(images).all():
-            images = self.fp32_vae().decode(unscaled.float())
+            images = self.fp32_vae(vae).decode(unscaled.float())
         return images
 
-    def fp32_vae(self):
+    def fp32_vae(self, vae):
         with self._fp32_vae_lock:
-            if self._fp32_vae is None:
-                self._fp32_vae = copy.deepcopy(self.vae).float()
-            return self._fp32_vae
+            if id(vae) not in self._fp32_vaes:
+                self._fp32_vaes[id(vae)] = copy.deepcopy(vae).float()
+            return self._fp32_vaes[id(vae)]
 
 
 def uses_guidance(generation: Generation) -> bool:

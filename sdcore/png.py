@@ -21,16 +21,16 @@ from collections.abc import Iterable
 
 from PIL import Image, PngImagePlugin
 
-from sdcore.params import GENERATION_FIELDS, SAMPLERS
+from sdcore.params import GENERATION_FIELDS, OPTIONAL_FIELDS, SAMPLERS
 
-# A Request's fields (sdcore.params; strength only for img2img) and the model that made the image.
+# A Request's fields (sdcore.params; strength and vae only when set) and the model that made the image.
 MODEL_KEYS = ("model", "model_hash", "precision", "random_model")
 REQUIRED_KEYS = ("prompt", "negative_prompt", "seed",
-                 *(name for name in GENERATION_FIELDS if name != "strength"), *MODEL_KEYS)
+                 *(name for name in GENERATION_FIELDS if name not in OPTIONAL_FIELDS), *MODEL_KEYS)
 # Written when present: loras [{"name", "weight", "sha256"}] (the settings' LoRAs), prompt_loras (the same,
-# from the prompt's <lora:name:w> tags), embeddings [{"name", "sha256"}] (the ones the prompts used), vae
-# {"name", "sha256"} (a VAE from its own file).
-OPTIONAL_KEYS = ("strength", "loras", "prompt_loras", "embeddings", "vae")
+# from the prompt's <lora:name:w> tags), embeddings [{"name", "sha256"}] (the ones the prompts used),
+# vae_file {"name", "sha256"} (the VAE's own file, whether the request's `vae` or the model's).
+OPTIONAL_KEYS = (*OPTIONAL_FIELDS, "loras", "prompt_loras", "embeddings", "vae_file")
 
 # How many hex digits of a file's SHA-256 A1111 writes: sd_models' "Model hash" (AutoV2) and sd_vae's
 # "VAE hash"; the networks' `shorthash` of "Lora hashes" and "TI hashes". For a .safetensors LoRA, A1111's
@@ -59,10 +59,10 @@ def infotext(settings: dict) -> str:
     # A reader must never mistake a random-weight image for a real model's output.
     model = f"{settings['model']} (random weights)" if settings["random_model"] else settings["model"]
     fields.append(("Model", model))
-    vae = settings.get("vae")
+    vae = settings.get("vae_file")
     if vae:
         if not isinstance(vae, dict) or not isinstance(vae.get("name"), str):
-            raise ValueError(f"settings['vae'] is {vae!r}; expected {{'name': str, 'sha256': str}}")
+            raise ValueError(f"settings['vae_file'] is {vae!r}; expected {{'name': str, 'sha256': str}}")
         if vae.get("sha256"):
             fields.append(("VAE hash", vae["sha256"][:MODEL_HASH_DIGITS]))
         fields.append(("VAE", vae["name"]))

@@ -16,8 +16,9 @@ import sdcore
 from sdcore import Pipeline
 from sdcore.cli import main
 from sdcore.config import tiny_clip, tiny_unet, tiny_vae
+from sdcore.errors import InvalidField
 from sdcore.params import Generation, Request
-from sdcore.png import read_settings
+from sdcore.png import png_bytes, read_settings
 from tests.fixtures_tokenizer import write_clip_tokenizer_folder
 from tests.test_lora import kohya_state_dict, random_layers, text_encoder_names, unet_linear_names, write_lora
 from tests.test_pipeline import NEGATIVE, PROMPT, build_models, max_level_difference
@@ -158,9 +159,35 @@ def test_a_vae_file_replaces_the_checkpoints_and_is_recorded(tmp_path):
     written = load_file(path)
     assert all(torch.equal(value, written[f"first_stage_model.{key}"])
                for key, value in swapped.vae.state_dict().items())
-    vae = swapped.metadata(request)["vae"]
+    vae = swapped.metadata(request)["vae_file"]
     assert vae["name"] == "vae-ft-test.safetensors" and len(vae["sha256"]) == 64
-    assert "vae" not in base.metadata(request)
+    assert "vae_file" not in base.metadata(request) and "vae" not in base.metadata(request)
+
+
+def test_a_named_vae_per_request_gives_the_swapped_models_image_beside_the_base(tmp_path):
+    path = write_vae_file(tmp_path / "vae-ft-test.safetensors", seed=3)
+    swapped = sdcore.load("tiny-random", device="cpu", vae=path)
+    pipe = sdcore.load("tiny-random", device="cpu")
+    assert pipe.add_vae(path) == "vae-ft-test"
+    base_request = Request("a red kite", 5, generation=Generation(**SETTINGS))
+    named = Request("a red kite", 5, generation=Generation(**SETTINGS, vae="vae-ft-test"))
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    img2img = Request("a red kite", 6, generation=Generation(**SETTINGS, vae="vae-ft-test", strength=0.5))
+
+    both = pipe.run([base_request, named], progress=False)  # two batches: the VAE is a batch setting
+    alone = swapped.run([base_request], progress=False)[0]
+    assert np.array_equal(np.array(both[1].image), np.array(alone.image))
+    assert np.array_equal(np.array(both[0].image), np.array(sdcore.load("tiny-random", device="cpu").run(
+        [base_request], progress=False)[0].image))
+    unnamed = dataclasses.replace(img2img, generation=dataclasses.replace(img2img.generation, vae=None))
+    assert np.array_equal(np.array(pipe.run([img2img], [init], progress=False)[0].image),
+                          np.array(swapped.run([unnamed], [init], progress=False)[0].image))
+    settings = pipe.metadata(named)
+    assert settings["vae"] == "vae-ft-test"
+    assert settings["vae_file"] == {"name": path.name, "sha256": swapped.parts.vae_file.sha256}
+    assert Request.from_dict(settings) == named
+    with pytest.raises(InvalidField, match=r"requests\[0\]\.generation\.vae: VAE 'other' is not added"):
+        pipe.run([Request("x", 1, generation=Generation(**SETTINGS, vae="other"))], progress=False)
 
 
 def test_cli_records_every_adapter_and_replays_them_from_the_png(style, tmp_path, capsys):
@@ -179,7 +206,8 @@ def test_cli_records_every_adapter_and_replays_them_from_the_png(style, tmp_path
                                   "tiny-random", "--seed", 3, *adapters, *common, "--out", first]]) == 0
     settings = read_settings(first)
     assert settings["loras"] == [] and settings["prompt_loras"][0]["weight"] == 0.6
-    assert settings["embeddings"][0]["name"] == "glow" and settings["vae"]["name"] == "my-vae.safetensors"
+    assert settings["embeddings"][0]["name"] == "glow"
+    assert settings["vae_file"]["name"] == "my-vae.safetensors" and "vae" not in settings
     parameters = Image.open(first).text["parameters"]
     assert 'Lora hashes: "style: ' in parameters and "TI hashes: " in parameters
     assert "VAE: my-vae" in parameters
@@ -190,3 +218,19 @@ def test_cli_records_every_adapter_and_replays_them_from_the_png(style, tmp_path
                                   "--out", again]]) == 0
     assert read_settings(again) == read_settings(first)
     assert again.read_bytes() == first.read_bytes()
+
+
+def test_cli_replays_a_request_that_named_its_vae_under_the_same_name(tmp_path, capsys):
+    path = write_vae_file(tmp_path / "ft-test.safetensors", seed=6)
+    pipe = sdcore.load("tiny-random", device="cpu")
+    pipe.add_vae(path, "ft")
+    request = Request("a red kite", 5, generation=Generation(**SETTINGS, vae="ft"))
+    made = tmp_path / "made.png"
+    made.write_bytes(png_bytes(pipe.run([request], progress=False)[0].image, pipe.metadata(request)))
+    again = tmp_path / "again.png"
+
+    assert main(["generate", "--from-png", str(made), "--no-progress", "--out", str(again)]) == 1
+    assert "was made with VAE 'ft-test.safetensors'; pass --vae FILE" in capsys.readouterr().err
+    assert main(["generate", "--from-png", str(made), "--vae", str(path), "--no-progress", "--device", "cpu",
+                 "--out", str(again)]) == 0
+    assert again.read_bytes() == made.read_bytes()

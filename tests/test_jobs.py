@@ -17,7 +17,7 @@ from worker.messages import MessageError
 from worker.validate import Limits
 
 DEFAULTS = {"sampler": "ddim", "steps": 4, "guidance_scale": 7.5, "width": 64, "height": 64, "eta": 0.0,
-            "clip_skip": 1, "loras": []}
+            "clip_skip": 1, "loras": [], "vae": None}
 GENERATION = Generation(**DEFAULTS)
 LIMITS = Limits(max_pixels=512 * 512, max_steps=150, max_prompt_chars=2000, max_images_per_prompt=16)
 
@@ -158,7 +158,7 @@ def test_csv_header_with_an_unknown_column_is_refused(tmp_path):
 
     assert errors == [f"{tmp_path / 'p.csv'}:1: the header column 'cfg' is not a known field; "
                       "accepted columns: prompt, negative_prompt, seed, images, sampler, steps, "
-                      "guidance_scale, width, height, eta, clip_skip, loras"]
+                      "guidance_scale, width, height, eta, clip_skip, loras, vae"]
 
 
 def test_csv_row_with_too_many_cells_is_refused(tmp_path):

@@ -78,7 +78,7 @@ def test_infotext_writes_lora_embedding_and_vae_hashes_as_a1111_does():
     settings = {**SETTINGS, "loras": [{"name": "add_detail", "weight": 0.7, "sha256": sha},
                                       {"name": "my: lora, v2", "weight": 1.0, "sha256": other}],
                 "embeddings": [{"name": "EasyNegative", "sha256": sha}],
-                "vae": {"name": "vae-ft-mse-840000-ema-pruned.safetensors", "sha256": sha}}
+                "vae_file": {"name": "vae-ft-mse-840000-ema-pruned.safetensors", "sha256": sha}}
     assert infotext(settings).split("\n")[-1] == (
         "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 1, Size: 64x48, Model hash: 6ce0161689, "
         "Model: v1-5-pruned-emaonly, VAE hash: 0123456789, VAE: vae-ft-mse-840000-ema-pruned.safetensors, "
@@ -171,7 +171,7 @@ def a1111_read(text: str) -> dict:
 def test_a1111s_reader_gets_every_value_back_whole(model):
     settings = {**SETTINGS, "model": model, "clip_skip": 2, "sampler": "ddim", "eta": 0.25, "strength": 0.5,
                 "loras": [{"name": "detail", "weight": 0.5, "sha256": "ab" * 32}],
-                "vae": {"name": "my vae, v1.safetensors", "sha256": "cd" * 32}}
+                "vae_file": {"name": "my vae, v1.safetensors", "sha256": "cd" * 32}}
     fields = a1111_read(Image.open(io.BytesIO(png_bytes(an_image(), settings))).text["parameters"])
     assert fields == {
         "Prompt": "a lighthouse at dusk, oil painting", "Negative prompt": "blurry", "Steps": "20",

@@ -106,11 +106,11 @@ def test_load_components_takes_the_vae_file_and_records_it(vae_files, vae_ref, t
     parts = load_components(checkpoint, vae=vae_file)
     z = latents()
     assert_close_to_reference(parts.vae.decode(z), vae_ref.decode(z).sample)
-    assert parts.vae_name == "vae-ft-mse.ckpt"
-    assert parts.vae_sha256 == hashlib.sha256(vae_file.read_bytes()).hexdigest()
+    assert parts.vae_file.name == "vae-ft-mse.ckpt" and parts.vae_file.vae is parts.vae
+    assert parts.vae_file.sha256 == hashlib.sha256(vae_file.read_bytes()).hexdigest()
     assert parts.sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     own = load_components(checkpoint)
-    assert own.vae_name is None and own.vae_sha256 is None
+    assert own.vae_file is None
     assert not torch.equal(own.vae.decoder.conv_out.weight, parts.vae.decoder.conv_out.weight)
     assert next(load_components(checkpoint, vae=vae_file, dtype=torch.float16).vae.parameters()).dtype == (
         torch.float16)

@@ -1,5 +1,6 @@
-"""The config's `adapters:` section: LoRAs and embeddings in S3 reach a real worker (downloaded, checked and
-cached) and every image's metadata; a run naming a LoRA the locations lack is refused at enqueue."""
+"""The config's `adapters:` section: LoRAs, embeddings and VAEs in S3 reach a real worker (downloaded,
+checked and cached) and every image's metadata; a run naming a LoRA or VAE the locations lack is refused at
+enqueue."""
 
 import hashlib
 import io
@@ -7,14 +8,18 @@ import json
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 import torch
 from PIL import Image
 
+import sdcore
 from sdcore.config import tiny_clip, tiny_unet
+from sdcore.params import Request
 from tests.fixtures_servers import sdbatch_env, wait_for
 from tests.reference import reference_text_encoder, reference_unet
+from tests.test_adapters import write_vae_file
 from tests.test_lora import kohya_state_dict, random_layers, text_encoder_names, unet_linear_names, write_lora
 from worker import client, progress
 from worker.adapters import Adapters
@@ -107,8 +112,8 @@ def service(tmp_path, redis_url, s3_server, s3_bucket, monkeypatch):
 
 
 @pytest.mark.integration
-def test_loras_and_an_embedding_in_s3_reach_a_real_worker_and_the_metadata(service, worker_processes,
-                                                                           tmp_path):
+def test_loras_an_embedding_and_a_vae_in_s3_reach_a_real_worker_and_the_metadata(service, worker_processes,
+                                                                                 tmp_path):
     config, env, settings, store, adapter_store = service
     files = lora_files(tmp_path)
     embedding = tmp_path / "glow.pt"
@@ -116,8 +121,10 @@ def test_loras_and_an_embedding_in_s3_reach_a_real_worker_and_the_metadata(servi
     for path in files.values():
         adapter_store.put(f"loras/{path.name}", path.read_bytes())
     adapter_store.put("embeddings/glow.pt", embedding.read_bytes())
+    vae = write_vae_file(tmp_path / "ft-test.safetensors", seed=5)
+    adapter_store.put("vaes/ft-test.safetensors", vae.read_bytes())
     prompts = tmp_path / "prompts.jsonl"
-    lines = [{"prompt": "a glow fox", "loras": [{"name": "style", "weight": 0.7}]},
+    lines = [{"prompt": "a glow fox", "loras": [{"name": "style", "weight": 0.7}], "vae": "ft-test"},
              {"prompt": "a bird <lora:detail:0.5>", "images": 2}]
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     workers = worker_processes.start(1, config, env)
@@ -132,30 +139,42 @@ def test_loras_and_an_embedding_in_s3_reach_a_real_worker_and_the_metadata(servi
     first = json.loads(store.get(f"{run_id}/meta/0000001-000.json"))
     assert first["loras"] == [{"name": "style", "weight": 0.7, "sha256": sha256(files["style"])}]
     assert first["embeddings"] == [{"name": "glow", "sha256": sha256(embedding)}]
+    assert first["vae"] == "ft-test"
+    assert first["vae_file"] == {"name": "ft-test.safetensors", "sha256": sha256(vae)}
+    png = Image.open(io.BytesIO(store.get(f"{run_id}/images/0000001-000.png")))
+    assert f"VAE hash: {sha256(vae)[:10]}, VAE: ft-test.safetensors" in png.text["parameters"]
+    # the worker's image is the one sdcore makes here from the recorded settings and the same files
+    here = sdcore.load("tiny-random", device="cpu")
+    here.add_lora(files["style"]), here.add_embedding(embedding, "glow"), here.add_vae(vae)
+    remade = here.run([Request.from_dict(first)], progress=False)[0].image
+    assert np.abs(np.array(remade, dtype=int) - np.array(png.convert("RGB"), dtype=int)).max() <= 1
     second = json.loads(store.get(f"{run_id}/meta/0000002-001.json"))
-    assert second["loras"] == [] and "embeddings" not in second
+    assert second["loras"] == [] and "embeddings" not in second and "vae" not in second
     assert second["prompt_loras"] == [{"name": "detail", "weight": 0.5, "sha256": sha256(files["detail"])}]
     png = Image.open(io.BytesIO(store.get(f"{run_id}/images/0000002-000.png")))
     assert f'Lora hashes: "detail: {sha256(files["detail"])[:12]}"' in png.text["parameters"]
     cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.sha256"))
-    assert cached == ["detail.pt.sha256", "glow.pt.sha256", "style.safetensors.sha256"]
+    assert cached == ["detail.pt.sha256", "ft-test.safetensors.sha256", "glow.pt.sha256",
+                      "style.safetensors.sha256"]
 
 
 @pytest.mark.integration
-def test_a_run_naming_a_missing_lora_is_refused_by_line_and_nothing_is_queued(service, tmp_path):
+def test_a_run_naming_a_missing_lora_or_vae_is_refused_by_line_and_nothing_is_queued(service, tmp_path):
     config, env, settings, store, adapter_store = service
     adapter_store.put("loras/style.safetensors", b"not read at enqueue")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(line) for line in [
         {"prompt": "fine <lora:style:1>"}, {"prompt": "a fox <lora:nope:0.5>"},
-        {"prompt": "a bird", "loras": [["gone", 1]]}, {"prompt": "plain"}]) + "\n")
+        {"prompt": "a bird", "loras": [["gone", 1]]}, {"prompt": "plain"},
+        {"prompt": "x", "vae": "ft"}]) + "\n")
 
     with pytest.raises(PromptFileError) as error:
         client.enqueue(prompts, settings, run_id="refused")
 
     assert error.value.errors == [
         f"{prompts}:2: loras: LoRA 'nope' is not in {settings.adapters.url}/loras; accepted: style",
-        f"{prompts}:3: loras: LoRA 'gone' is not in {settings.adapters.url}/loras; accepted: style"]
+        f"{prompts}:3: loras: LoRA 'gone' is not in {settings.adapters.url}/loras; accepted: style",
+        f"{prompts}:5: vae: VAE 'ft' is not in {settings.adapters.url}/vaes; accepted: none there"]
     assert not store.exists("refused/run.jsonl")
     assert redis.Redis.from_url(settings.broker.url).llen(QUEUE) == 0
 

@@ -72,7 +72,7 @@ def test_settings_are_frozen(tmp_path):
     (MINIMAL + "model_x: 1\n", "model_x: is not a known section"),
     (MINIMAL + "sampling: {stpes: 20}\n",
      "sampling.stpes: is not a known key; accepted: sampler, steps, guidance_scale, width, height, eta, "
-     "clip_skip, loras, micro_batch, seed"),
+     "clip_skip, loras, vae, micro_batch, seed"),
     (MINIMAL + "sampling: {strength: 0.5}\n", "sampling.strength: is not a known key"),  # txt2img only
     (MINIMAL + "sampling: {steps: 0}\n",
      "sampling.steps: 0 is out of range; accepted: an integer from 1 to 500"),

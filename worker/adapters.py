@@ -1,9 +1,10 @@
-"""LoRA and embedding files of a deployment (the config's `adapters:` section): what `enqueue` checks a run
-against and what workers load. Torch-free: listing and downloading only.
+"""LoRA, embedding and VAE files of a deployment (the config's `adapters:` section): what `enqueue` checks a
+run against and what workers load. Torch-free: listing and downloading only.
 
 Layout, in the local folder `adapters.dir` and under the store `adapters.url` alike:
     loras/NAME.safetensors | NAME.pt | NAME.ckpt        a LoRA, named NAME in `loras` and <lora:NAME:w> tags
     embeddings/NAME.pt | NAME.safetensors | NAME.bin    a textual-inversion embedding, the prompt word NAME
+    vaes/NAME.safetensors | NAME.pt | NAME.ckpt         a standalone VAE, named NAME in a job's `vae`
 A name the local folder has is taken from there; otherwise a worker downloads the stored file into
 `adapters.cache` once: to a temp file, checked against the stored object's size (and, for a single-part S3
 object, its MD5 ETag), then renamed into place next to a `.sha256` sidecar; a cached file is used only while
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from worker.config import AdapterSettings, parse_storage_url
 
-KINDS = {"loras": (".safetensors", ".pt", ".ckpt"), "embeddings": (".pt", ".safetensors", ".bin")}
+KINDS = {"loras": (".safetensors", ".pt", ".ckpt"), "embeddings": (".pt", ".safetensors", ".bin"),
+         "vaes": (".safetensors", ".pt", ".ckpt")}
 
 
 class AdapterError(ValueError):
@@ -41,7 +43,7 @@ class Adapters:
         self._listing: dict[str, dict[str, tuple[str, str]]] = {}
 
     def available(self, kind: str) -> dict[str, tuple[str, str]]:
-        """{name: ("local", path) | ("store", key)} of one kind ("loras" or "embeddings"), listed once."""
+        """{name: ("local", path) | ("store", key)} of one kind (a key of KINDS), listed once."""
         if kind not in self._listing:
             found: dict[str, tuple[str, str]] = {}
             if self.store is not None:

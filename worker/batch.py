@@ -65,27 +65,31 @@ class BatchRunner:
         self.pipe, self.store, self.hostname, self.adapters = pipe, store, hostname, adapters
         self.uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload")
 
-    def load_loras(self, jobs: list[Job]) -> None:
-        """Add every LoRA the jobs name that the pipeline lacks, from the adapter locations (downloaded into
-        the cache on first use). One that cannot be had is left out: its jobs fail with sdcore's reason. A
-        store that is down raises StorageUnavailable (the batch is retried later)."""
-        names = set()
+    def load_adapters(self, jobs: list[Job]) -> None:
+        """Add every LoRA and VAE the jobs name that the pipeline lacks, from the adapter locations
+        (downloaded into the cache on first use). One that cannot be had is left out: its jobs fail with
+        sdcore's reason. A store that is down raises StorageUnavailable (the batch is retried later)."""
+        loras, vaes = set(), set()
         for job in jobs:
+            if job.request.generation.vae is not None:
+                vaes.add(job.request.generation.vae)
             try:
-                names.update(loras_named(job.request.prompt, job.request.generation.loras))
+                loras.update(loras_named(job.request.prompt, job.request.generation.loras))
             except ValueError:
                 pass  # a malformed tag: the job fails in the pipeline, naming it
-        for name in sorted(names - set(self.pipe.loras)):
-            if self.adapters is None:
-                continue
-            try:
-                self.pipe.add_lora(self.adapters.path("loras", name), name)
-            except (AdapterError, KeyError, ValueError) as error:  # CheckpointError: a file sdcore refuses
-                log.error("LoRA %s could not be loaded: %s", name, error)
+        if self.adapters is None:
+            return
+        for kind, names, add in (("loras", loras - set(self.pipe.loras), self.pipe.add_lora),
+                                 ("vaes", vaes - set(self.pipe.vaes), self.pipe.add_vae)):
+            for name in sorted(names):
+                try:
+                    add(self.adapters.path(kind, name), name)
+                except (AdapterError, KeyError, ValueError) as error:  # CheckpointError: sdcore refuses it
+                    log.error("%s %s could not be loaded: %s", kind[:-1], name, error)
 
     def run(self, run_id: str, jobs: list[Job], recorder: Recorder) -> None:
         recorder.started()
-        self.load_loras(jobs)
+        self.load_adapters(jobs)
         start = time.perf_counter()
         outcomes = self._generate_isolated(jobs)
         generate_s = (time.perf_counter() - start) / len(jobs)

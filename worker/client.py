@@ -62,7 +62,7 @@ def prepare(prompts, settings: Settings, run_id: str | None = None, images_per_p
     except InvalidField as error:
         raise RunError(str(error)) from None
     defaults, limits = settings.sampling.generation, settings.limits
-    check = lora_check(settings)
+    check = adapter_check(settings)
     if isinstance(prompts, str | os.PathLike):
         entries, errors = read_prompt_file(prompts, defaults, limits, images_per_prompt, skip_invalid, check)
     else:
@@ -77,25 +77,28 @@ def prepare(prompts, settings: Settings, run_id: str | None = None, images_per_p
     return run_id, jobs, errors, header
 
 
-def lora_check(settings: Settings):
-    """check_entry for the prompt readers: every LoRA a line names (its `loras` field, its <lora:> tags) must
-    be in the adapter locations; they are listed once, on the first line that names one."""
+def adapter_check(settings: Settings):
+    """check_entry for the prompt readers: every LoRA a line names (its `loras` field, its <lora:> tags) and
+    its `vae` must be in the adapter locations, which are listed once, on the first line that names one."""
     from worker.adapters import Adapters, loras_named
 
     adapters = None
 
     def check(entry) -> None:
         nonlocal adapters
-        names = loras_named(entry.prompt, entry.generation.loras)
-        if not names:
+        wanted = [("loras", "LoRA", name) for name in loras_named(entry.prompt, entry.generation.loras)]
+        if entry.generation.vae is not None:
+            wanted.append(("vaes", "VAE", entry.generation.vae))
+        if not wanted:
             return
         if adapters is None:
             adapters = Adapters(settings.adapters, settings.storage.endpoint_url)
-        known = adapters.available("loras") if settings.adapters.configured else {}
-        missing = [name for name in names if name not in known]
-        if missing:
-            raise InvalidField("loras", f"LoRA {missing[0]!r} is not in {adapters.where('loras')}",
-                               ", ".join(known) or "none there")
+        for kind, what, name in wanted:
+            known = adapters.available(kind) if settings.adapters.configured else {}
+            if name not in known:
+                field = "loras" if kind == "loras" else "vae"
+                raise InvalidField(field, f"{what} {name!r} is not in {adapters.where(kind)}",
+                                   ", ".join(known) or "none there")
 
     return check
 

@@ -26,6 +26,20 @@ from .read import COMPONENTS, MODELS, TINY_RANDOM, read_original_layout, read_va
 TINY_RANDOM_SEEDS = {"text_encoder": 1, "vae": 2, "unet": 3}
 
 
+@dataclass(frozen=True)
+class VAEFile:
+    """A VAE read from a file of its own, with what the PNG metadata says about it."""
+
+    vae: AutoencoderKL
+    name: str  # A1111's "VAE": the file's name, extension included
+    files: tuple[Path, ...]  # what `sha256` hashes
+
+    @property
+    def sha256(self) -> str:
+        """A1111's "VAE hash" is its first 10 hex digits; hashed on first use, cached like the model's."""
+        return sha256_of_files(self.files)
+
+
 @dataclass
 class Components:
     """The loaded models of one checkpoint, with what the PNG metadata says about them."""
@@ -37,10 +51,7 @@ class Components:
     name: str
     weight_files: tuple[Path, ...]  # what `sha256` hashes, in order; empty for tiny-random
     is_random: bool
-    # Set when the VAE came from its own file (load_components(..., vae=PATH)): A1111's "VAE" (the file's
-    # name, extension included, as A1111 writes it) and the files `vae_sha256` hashes.
-    vae_name: str | None = None
-    vae_files: tuple[Path, ...] = ()
+    vae_file: VAEFile | None = None  # set when `vae` came from its own file (load_components(..., vae=PATH))
 
     @property
     def sha256(self) -> str | None:
@@ -51,11 +62,6 @@ class Components:
         """
         return sha256_of_files(self.weight_files) if self.weight_files else None
 
-    @property
-    def vae_sha256(self) -> str | None:
-        """sha256 of the VAE file given to load_components; None when the VAE is the checkpoint's.
-        A1111's "VAE hash" is its first 10 hex digits."""
-        return sha256_of_files(self.vae_files) if self.vae_files else None
 
 
 def load_components(source, device="cpu", dtype=torch.float32, tokenizer=None, ema="auto", vae=None
@@ -69,26 +75,26 @@ def load_components(source, device="cpu", dtype=torch.float32, tokenizer=None, e
     """
     if ema not in ("auto", True, False):
         raise ValueError(f"ema={ema!r} is not accepted; use 'auto', True or False")
-    override = _vae_override(vae, device, dtype) if vae is not None else {}  # a bad VAE file fails first
+    vae_file = read_vae_file(vae, device, dtype) if vae is not None else None  # a bad VAE file fails first
     if str(source) == TINY_RANDOM:
-        return dataclasses.replace(_tiny_random(device, dtype, tokenizer), **override)
+        parts = _tiny_random(device, dtype, tokenizer)
+        return parts if vae_file is None else dataclasses.replace(parts, vae=vae_file.vae, vae_file=vae_file)
     path = Path(source)
     weights, weight_files, mapped = read_original_layout(path)
     parts = select_weights(path, weights, ema)
     del weights
-    if override:
+    if vae_file is not None:
         del parts["vae"]
     models = {c: _build(c, cfg, tensors, device, dtype, mapped) for c, (cfg, tensors) in parts.items()}
     return Components(
         tokenizer=_tokenizer(path, tokenizer),
         text_encoder=models["text_encoder"],
         unet=models["unet"],
-        vae=override["vae"] if override else models["vae"],
+        vae=models["vae"] if vae_file is None else vae_file.vae,
         name=path.stem if path.is_file() else path.name,
         weight_files=weight_files,
         is_random=False,
-        vae_name=override.get("vae_name"),
-        vae_files=override.get("vae_files", ()),
+        vae_file=vae_file,
     )
 
 
@@ -97,14 +103,14 @@ def load_vae(source, device="cpu", dtype=torch.float32) -> AutoencoderKL:
     without `first_stage_model.`, or diffusers' names) or a diffusers folder, checked like a checkpoint:
     CheckpointError names the file and every missing, unexpected or mis-shaped key. Training-only keys
     (`loss.*`, `model_ema.*`) are skipped, as A1111 does. Cast to `dtype` on `device`."""
-    return _vae_override(source, device, dtype)["vae"]
+    return read_vae_file(source, device, dtype).vae
 
 
-def _vae_override(source, device, dtype) -> dict:
+def read_vae_file(source, device="cpu", dtype=torch.float32) -> VAEFile:
+    """`load_vae`'s model with the file's name and hash."""
     path = Path(source)
     cfg, tensors, files, mapped = read_vae(path)
-    return {"vae": _build("vae", cfg, tensors, device, dtype, mapped), "vae_name": path.name,
-            "vae_files": files}
+    return VAEFile(_build("vae", cfg, tensors, device, dtype, mapped), path.name, files)
 
 
 def sha256_of_files(files) -> str:
