@@ -5,6 +5,8 @@ hash."""
 
 import copy
 import dataclasses
+import gc
+import json
 
 import numpy as np
 import pytest
@@ -138,6 +140,11 @@ def test_an_embedding_gives_diffusers_pixels(models, tmp_path):
         "shinystyle"].sha256}]
 
 
+def save_file_and_return(path, state: dict):
+    save_file(state, path)
+    return path
+
+
 def write_vae_file(path, seed: int):
     vae = sdcore.load("tiny-random", device="cpu").vae
     torch.manual_seed(seed)
@@ -234,3 +241,55 @@ def test_cli_replays_a_request_that_named_its_vae_under_the_same_name(tmp_path, 
     assert main(["generate", "--from-png", str(made), "--vae", str(path), "--no-progress", "--device", "cpu",
                  "--out", str(again)]) == 0
     assert again.read_bytes() == made.read_bytes()
+
+
+@pytest.mark.slow
+def test_full_size_sd15_lora_embedding_and_vae_file_equal_diffusers(tmp_path):
+    """SD 1.5's real shapes at 64x64, all three adapters in one image: a kohya LoRA on the U-Net and the
+    text encoder (diffusers: load_lora_weights + set_adapters), a 2-vector A1111 embedding
+    (load_textual_inversion) and an original-layout VAE file (AutoencoderKL.from_single_file)."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from sdcore.checkpoints import diffusers_config
+    from sdcore.config import CLIPConfig, UNetConfig, VAEConfig
+    from tests.reference import original_layout, reference_vae
+    from tests.test_pipeline import SD15_SCHEDULER
+
+    tokenizer = write_clip_tokenizer_folder(tmp_path / "tokenizer")
+    models = build_models(CLIPConfig(), UNetConfig(), VAEConfig(), tokenizer)
+    try:
+        unet, text_encoder = models.txt2img.unet, models.txt2img.text_encoder
+        # alpha 16 at rank 4: scale 4, enough for a random LoRA to move SD 1.5-sized activations visibly
+        state = {**kohya_state_dict("unet", random_layers(unet, unet_linear_names(unet), rank=4, seed=5), 16),
+                 **kohya_state_dict("text_encoder", random_layers(
+                     text_encoder, text_encoder_names(text_encoder), rank=4, seed=6), 16)}
+        lora = write_lora(tmp_path / "style.safetensors", state)
+        embedding = tmp_path / "glowstyle.pt"
+        vectors = torch.randn(2, CLIPConfig().width, generator=torch.Generator().manual_seed(7)) * 0.02
+        torch.save({"string_to_param": {"*": vectors}, "name": "glowstyle"}, embedding)
+        vae_file = save_file_and_return(tmp_path / "vae-ft-test.safetensors",
+                                        original_layout("vae", reference_vae(VAEConfig(), seed=14)))
+        (tmp_path / "vae-config").mkdir()
+        (tmp_path / "vae-config" / "config.json").write_text(json.dumps(diffusers_config("vae", VAEConfig())))
+        prompt = "a glowstyle lighthouse at dusk, oil painting"
+
+        models.txt2img.scheduler = EulerAncestralDiscreteScheduler.from_config(SD15_SCHEDULER)
+        models.txt2img.load_textual_inversion(str(embedding), token="glowstyle")
+        models.txt2img.vae = DiffusersAutoencoderKL.from_single_file(str(vae_file),
+                                                                     config=str(tmp_path / "vae-config"))
+        models.txt2img.load_lora_weights(str(lora), adapter_name="style")
+        models.txt2img.set_adapters(["style"], adapter_weights=[0.8])
+        reference = theirs(models, prompt=prompt)
+        models.txt2img.unload_lora_weights()  # before ours merges into the weights both share
+
+        models.ours.add_lora(lora), models.ours.add_embedding(embedding), models.ours.add_vae(vae_file)
+        with_lora = ours(models, prompt=prompt, loras=[("style", 0.8)], vae="vae-ft-test")
+        without = ours(models, prompt=prompt, vae="vae-ft-test")
+    finally:
+        del models
+        gc.collect()
+    assert max_level_difference(with_lora, reference) <= 1
+    change = np.abs(with_lora.astype(int) - without.astype(int))
+    print(f"the LoRA moved the image by {change.mean():.1f} levels on average, at most {change.max()}")
+    assert change.mean() > 5, f"the LoRA changed the image by only {change.mean():.2f} levels on average"
