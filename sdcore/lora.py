@@ -21,6 +21,7 @@ use_rslora). The delta is computed in fp32 and W' rounded once to the weights' d
 """
 
 import functools
+import hashlib
 import json
 import math
 import re
@@ -105,11 +106,20 @@ class LoRA:
     path: Path
     layout: str  # "kohya" or "diffusers"
     layers: tuple[LoRALayer, ...]
+    # A1111's hash of a .safetensors LoRA (the "Lora hashes" of its infotext, network.NetworkOnDisk): the
+    # file's `sshs_model_hash` metadata when it has one, else sd-scripts' "addnet" hash, the sha256 of the
+    # bytes after the JSON header, so that editing the metadata keeps the hash. None: not a .safetensors.
+    addnet_hash: str | None = None
 
     @property
     def sha256(self) -> str:
-        """sha256 of the file (hashed on first use, then cached); A1111's "Lora hashes" show 12 digits."""
+        """sha256 of the file (hashed on first use, then cached)."""
         return sha256_of_files((self.path,))
+
+    @property
+    def shorthash(self) -> str:
+        """What A1111's "Lora hashes" write: 12 hex digits of the addnet hash, or of the file's sha256."""
+        return (self.addnet_hash or self.sha256)[:12]
 
     def components(self) -> set[str]:
         return {layer.component for layer in self.layers}
@@ -125,7 +135,7 @@ def read_lora(path) -> LoRA:
     if isinstance(tensors.get("state_dict"), dict):
         tensors = tensors["state_dict"]
     metadata = _safetensors_metadata(path)
-    _reject_other_models(path, tensors, metadata)
+    _reject_other_models(path, tensors, metadata or {})
     if not tensors:
         raise CheckpointError(path, "an empty LoRA: the file holds no tensors")
 
@@ -164,7 +174,7 @@ def read_lora(path) -> LoRA:
     if repeated:
         problems.append(f"{len(repeated)} keys name a layer part that another key already names "
                         f"({_first(repeated)})")
-    scales = _peft_scales(metadata)
+    scales = _peft_scales(metadata or {})
     layers = []
     for (component, module), found in parts.items():
         layer, problem = _layer(component, module, found, scales, file_names[(component, module)])
@@ -174,8 +184,18 @@ def read_lora(path) -> LoRA:
             layers.append(layer)
     if problems:
         raise CheckpointError(path, "not a LoRA sdcore can merge into SD 1.5: " + "; ".join(problems))
+    addnet = (metadata.get("sshs_model_hash") or _addnet_hash(path)) if metadata is not None else None
     return LoRA(name=path.stem, path=path, layout="kohya" if layouts == {"kohya"} else "diffusers",
-                layers=tuple(layers))
+                layers=tuple(layers), addnet_hash=addnet)
+
+
+def _addnet_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class LoRAMerge:
@@ -392,11 +412,12 @@ def _peft_scales(metadata: dict):
     return scale
 
 
-def _safetensors_metadata(path: Path) -> dict[str, str]:
+def _safetensors_metadata(path: Path) -> dict[str, str] | None:
+    """A .safetensors file's metadata; None for another kind of file."""
     with open(path, "rb") as f:
         head = f.read(9)
     if len(head) < 9 or head[8:9] != b"{":
-        return {}
+        return None
     with safe_open(path, framework="pt") as f:
         return f.metadata() or {}
 

@@ -298,12 +298,10 @@ class Pipeline:
             "precision": self.precision, "random_model": bool(self.is_random),
         }
         self.loras_of(request, parsed)  # every LoRA named is loaded
-        settings["loras"] = [{"name": name, "weight": weight, "sha256": self.loras[name].sha256}
-                             for name, weight in request.generation.loras]
+        settings["loras"] = [self._lora_record(name, weight) for name, weight in request.generation.loras]
         tagged = self.loras_of(Request(request.prompt, request.seed), parsed)  # the tags' alone
         if tagged:
-            settings["prompt_loras"] = [{"name": name, "weight": weight, "sha256": self.loras[name].sha256}
-                                        for name, weight in tagged]
+            settings["prompt_loras"] = [self._lora_record(name, weight) for name, weight in tagged]
         used = dict.fromkeys((*parsed.prompt.embeddings, *parsed.negative.embeddings))
         if used:
             settings["embeddings"] = [{"name": name, "sha256": self.embedding_files[name].sha256
@@ -314,6 +312,10 @@ class Pipeline:
         if self.winograd:
             settings["winograd"] = True  # recorded only when on: it is why a rerun without it may differ
         return settings
+
+    def _lora_record(self, name: str, weight: float) -> dict:
+        lora = self.loras[name]
+        return {"name": name, "weight": weight, "sha256": lora.sha256, "shorthash": lora.shorthash}
 
     # -- stages -------------------------------------------------------------------------------------------
 

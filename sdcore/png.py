@@ -27,14 +27,14 @@ from sdcore.params import GENERATION_FIELDS, OPTIONAL_FIELDS, SAMPLERS
 MODEL_KEYS = ("model", "model_hash", "precision", "random_model")
 REQUIRED_KEYS = ("prompt", "negative_prompt", "seed",
                  *(name for name in GENERATION_FIELDS if name not in OPTIONAL_FIELDS), *MODEL_KEYS)
-# Written when present: loras [{"name", "weight", "sha256"}] (the settings' LoRAs), prompt_loras (the same,
-# from the prompt's <lora:name:w> tags), embeddings [{"name", "sha256"}] (the ones the prompts used),
-# vae_file {"name", "sha256"} (the VAE's own file, whether the request's `vae` or the model's).
+# Written when present: loras [{"name", "weight", "sha256", "shorthash"}] (the settings' LoRAs),
+# prompt_loras (the same, from the prompt's <lora:name:w> tags), embeddings [{"name", "sha256"}] (the ones
+# the prompts used), vae_file {"name", "sha256"} (the VAE's own file: the request's `vae` or the model's).
 OPTIONAL_KEYS = (*OPTIONAL_FIELDS, "loras", "prompt_loras", "embeddings", "vae_file")
 
 # How many hex digits of a file's SHA-256 A1111 writes: sd_models' "Model hash" (AutoV2) and sd_vae's
-# "VAE hash"; the networks' `shorthash` of "Lora hashes" and "TI hashes". For a .safetensors LoRA, A1111's
-# sha256 is that of the bytes after the file's JSON header (sd-scripts' "addnet" hash), not the file's.
+# "VAE hash"; the networks' `shorthash` of "Lora hashes" and "TI hashes" (for a .safetensors LoRA, not the
+# file's sha256: the metadata records A1111's own as the LoRA's "shorthash").
 MODEL_HASH_DIGITS = 10
 NETWORK_HASH_DIGITS = 12
 # A1111 writes DDIM's eta as "Eta DDIM" (its timestep samplers), a k-diffusion sampler's as "Eta".
@@ -96,13 +96,15 @@ def quote(value) -> str:
 
 def network_hashes(entries: Iterable[dict], key: str) -> str:
     """A1111's "Lora hashes" / "TI hashes" value: "name: shorthash, ...", with `:` and `,` taken out of the
-    names; a name given twice keeps its first place and its last hash, as A1111's dict of them does."""
+    names; a name given twice keeps its first place and its last hash, as A1111's dict of them does. The
+    shorthash is the entry's own (a LoRA's: sdcore.lora.LoRA.shorthash) or its sha256's first 12 digits."""
     hashes = {}
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or \
                 not isinstance(entry.get("sha256"), str):
             raise ValueError(f"settings[{key!r}] has {entry!r}; each entry needs a name and a sha256 (str)")
-        hashes[entry["name"].replace(":", "").replace(",", "")] = entry["sha256"][:NETWORK_HASH_DIGITS]
+        short = entry.get("shorthash") or entry["sha256"][:NETWORK_HASH_DIGITS]
+        hashes[entry["name"].replace(":", "").replace(",", "")] = short
     return ", ".join(f"{name}: {short}" for name, short in hashes.items())
 
 

@@ -108,10 +108,9 @@ def test_mixed_adapter_sets_in_one_run_give_each_image_as_alone_and_restore_the_
     models.ours.use_loras(())
     after = unet_and_text_weights(models.ours)
     assert all(torch.equal(before[key], after[key]) for key in before)
-    sha256 = models.ours.loras["style"].sha256
-    assert models.ours.metadata(requests[2])["prompt_loras"] == [{"name": "style", "weight": -0.8,
-                                                                   "sha256": sha256}]
-    assert models.ours.metadata(requests[1])["loras"] == [{"name": "style", "weight": 0.5, "sha256": sha256}]
+    hashes = {"sha256": models.ours.loras["style"].sha256, "shorthash": models.ours.loras["style"].shorthash}
+    assert models.ours.metadata(requests[2])["prompt_loras"] == [{"name": "style", "weight": -0.8, **hashes}]
+    assert models.ours.metadata(requests[1])["loras"] == [{"name": "style", "weight": 0.5, **hashes}]
 
 
 def test_an_unknown_lora_is_refused_naming_the_request(models):

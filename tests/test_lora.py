@@ -19,7 +19,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sdcore.checkpoints.layout import rename_keys
 from sdcore.config import CLIPConfig, UNetConfig, tiny_clip, tiny_unet, tiny_vae
@@ -215,6 +215,26 @@ def test_lora_is_named_after_its_file_and_hashed(tiny_files):
     assert lora.name == "style" and lora.layout == "kohya"
     assert lora.sha256 == hashlib.sha256(tiny_files["kohya"].read_bytes()).hexdigest()
     assert read_lora(tiny_files["peft"]).layout == "diffusers"
+
+
+def addnet_hash(path) -> str:
+    """sd-scripts' addnet hash, as A1111 hashes a .safetensors LoRA: the bytes after the JSON header."""
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+
+
+def test_a1111_shorthash_is_the_addnet_hash_of_a_safetensors_lora_and_the_sha256_of_others(tiny_files,
+                                                                                            tmp_path):
+    state = load_file(tiny_files["kohya"])
+    plain = read_lora(tiny_files["kohya"])
+    assert plain.shorthash == addnet_hash(tiny_files["kohya"])[:12] != plain.sha256[:12]
+    # A1111 keeps the hash when only the metadata changes, and takes a recorded sshs_model_hash first
+    noted = read_lora(write_lora(tmp_path / "noted.safetensors", state, {"ss_output_name": "style"}))
+    assert noted.shorthash == plain.shorthash and noted.sha256 != plain.sha256
+    assert read_lora(write_lora(tmp_path / "sshs.safetensors", state,
+                                {"sshs_model_hash": "feedc0de" * 8})).shorthash == "feedc0defeed"
+    pickled = read_lora(write_lora(tmp_path / "style.pt", state))
+    assert pickled.shorthash == pickled.sha256[:12]
 
 
 def test_merge_is_base_plus_weight_times_alpha_over_rank_times_up_down(tiny, tiny_files):

@@ -77,12 +77,13 @@ def test_infotext_writes_lora_embedding_and_vae_hashes_as_a1111_does():
     sha, other = "0123456789abcdef" * 4, "fedcba9876543210" * 4
     settings = {**SETTINGS, "loras": [{"name": "add_detail", "weight": 0.7, "sha256": sha},
                                       {"name": "my: lora, v2", "weight": 1.0, "sha256": other}],
+                "prompt_loras": [{"name": "tagged", "weight": 1, "sha256": sha, "shorthash": "a1111addnet"}],
                 "embeddings": [{"name": "EasyNegative", "sha256": sha}],
                 "vae_file": {"name": "vae-ft-mse-840000-ema-pruned.safetensors", "sha256": sha}}
     assert infotext(settings).split("\n")[-1] == (
         "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 1, Size: 64x48, Model hash: 6ce0161689, "
         "Model: v1-5-pruned-emaonly, VAE hash: 0123456789, VAE: vae-ft-mse-840000-ema-pruned.safetensors, "
-        'RNG: CPU, Lora hashes: "add_detail: 0123456789ab, my lora v2: fedcba987654", '
+        'RNG: CPU, Lora hashes: "add_detail: 0123456789ab, my lora v2: fedcba987654, tagged: a1111addnet", '
         'TI hashes: "EasyNegative: 0123456789ab", Precision: fp16'
     )
     assert read_settings(png_bytes(an_image(), settings)) == settings

@@ -20,7 +20,14 @@ from sdcore.params import Request
 from tests.fixtures_servers import sdbatch_env, wait_for
 from tests.reference import reference_text_encoder, reference_unet
 from tests.test_adapters import write_vae_file
-from tests.test_lora import kohya_state_dict, random_layers, text_encoder_names, unet_linear_names, write_lora
+from tests.test_lora import (
+    addnet_hash,
+    kohya_state_dict,
+    random_layers,
+    text_encoder_names,
+    unet_linear_names,
+    write_lora,
+)
 from worker import client, progress
 from worker.adapters import Adapters
 from worker.config import AdapterSettings, ConfigError, load_config
@@ -137,7 +144,8 @@ def test_loras_an_embedding_and_a_vae_in_s3_reach_a_real_worker_and_the_metadata
     status = counters.status()
     assert (status.total, status.done, status.failed) == (3, 3, 0), counters.failures()
     first = json.loads(store.get(f"{run_id}/meta/0000001-000.json"))
-    assert first["loras"] == [{"name": "style", "weight": 0.7, "sha256": sha256(files["style"])}]
+    assert first["loras"] == [{"name": "style", "weight": 0.7, "sha256": sha256(files["style"]),
+                               "shorthash": addnet_hash(files["style"])[:12]}]
     assert first["embeddings"] == [{"name": "glow", "sha256": sha256(embedding)}]
     assert first["vae"] == "ft-test"
     assert first["vae_file"] == {"name": "ft-test.safetensors", "sha256": sha256(vae)}
@@ -150,7 +158,8 @@ def test_loras_an_embedding_and_a_vae_in_s3_reach_a_real_worker_and_the_metadata
     assert np.abs(np.array(remade, dtype=int) - np.array(png.convert("RGB"), dtype=int)).max() <= 1
     second = json.loads(store.get(f"{run_id}/meta/0000002-001.json"))
     assert second["loras"] == [] and "embeddings" not in second and "vae" not in second
-    assert second["prompt_loras"] == [{"name": "detail", "weight": 0.5, "sha256": sha256(files["detail"])}]
+    assert second["prompt_loras"] == [{"name": "detail", "weight": 0.5, "sha256": sha256(files["detail"]),
+                                       "shorthash": sha256(files["detail"])[:12]}]
     png = Image.open(io.BytesIO(store.get(f"{run_id}/images/0000002-000.png")))
     assert f'Lora hashes: "detail: {sha256(files["detail"])[:12]}"' in png.text["parameters"]
     cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.sha256"))
