@@ -17,7 +17,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from sdcore.errors import InvalidField
 from sdcore.params import (
+    BACKENDS,
     CLIP_SKIP_RANGE,
     IMG2IMG_STRENGTH,
     MAX_SIZE,
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     generate.add_argument("--winograd", action="store_true",
                           help="CPU fp32: run the U-Net's 3x3 convolutions as Winograd (faster, more memory)")
+    generate.add_argument("--backend", choices=BACKENDS,
+                          help="openvino: the U-Net and VAE compiled for the CPU (--precision fp32 or bf16; "
+                               "pip install -e '.[openvino]')")
     generate.set_defaults(run=run_generate)
 
     convert = commands.add_parser(
@@ -105,7 +110,7 @@ def run_generate(args: argparse.Namespace) -> str:
     recorded = read_settings(args.from_png) if args.from_png else {}
     img2img = args.init_image is not None
     if recorded.get("strength") is not None and not img2img:
-        raise ValueError(f"{args.from_png} is an img2img image (strength {recorded['strength']}); "
+        raise ValueError(f"{args.from_png} is an img2img image (strength {recorded['strength']!r:.40}); "
                          "pass --init-image with the image it started from")
     if args.strength is not None and not img2img:
         raise ValueError("--strength applies to img2img only; pass --init-image too")
@@ -124,12 +129,22 @@ def run_generate(args: argparse.Namespace) -> str:
     values["loras"] = [{"name": name, "weight": weight} for name, weight in weights.items()]
     if img2img:
         values.setdefault("strength", IMG2IMG_STRENGTH)
-    request = Request.from_dict(values)  # every setting checked before the model loads
+    try:
+        request = Request.from_dict(values)  # every setting checked before the model loads
+    except (InvalidField, TypeError) as error:
+        given = {name for flag, name in REQUEST_FLAGS.items() if getattr(args, flag) is not None}
+        if args.prompt is not None:
+            given.add("prompt")
+        field = getattr(error, "field", "").split(".")[0].split("[")[0]
+        if recorded and field not in given:  # the value came from the PNG: say which file holds it
+            raise ValueError(f"{args.from_png}: the 'sdcore' chunk: {error}") from None
+        raise
+    device = check_device(args.device)
 
     checkpoint = args.checkpoint or ("tiny-random" if recorded.get("random_model") else None)
     if checkpoint is None:
         if recorded:
-            raise ValueError(f"{args.from_png} was made with model {recorded.get('model')!r} "
+            raise ValueError(f"{args.from_png} was made with model {recorded.get('model')!r:.80} "
                              f"(hash {recorded.get('model_hash')}); pass --checkpoint with that model's file")
         raise ValueError("--checkpoint is required: a .ckpt / .safetensors file, a diffusers folder, "
                          "or tiny-random")
@@ -142,9 +157,10 @@ def run_generate(args: argparse.Namespace) -> str:
     named_vae = request.generation.vae
     if (recorded.get("vae_file") or named_vae) and args.vae is None:
         made_with = (recorded.get("vae_file") or {}).get("name") or named_vae
-        raise ValueError(f"{args.from_png} was made with VAE {made_with!r}; pass --vae FILE")
-    pipe = load(checkpoint, device=args.device or "auto", dtype=args.precision or recorded.get("precision"),
-                winograd=winograd, vae=None if named_vae else args.vae)
+        raise ValueError(f"{args.from_png} was made with VAE {made_with!r:.80}; pass --vae FILE")
+    pipe = load(checkpoint, device=device, dtype=args.precision or recorded.get("precision"),
+                winograd=winograd, vae=None if named_vae else args.vae,
+                backend=args.backend or recorded.get("backend", "torch"))  # a replay keeps its backend
     if named_vae:
         pipe.add_vae(args.vae, named_vae)
     for path, _ in lora_files:
@@ -198,13 +214,35 @@ def add_tagged_loras(pipe, request: Request, folder: Path | None) -> None:
         pipe.add_lora(found[0], name)
 
 
+def check_device(text: str | None) -> str:
+    """--device as torch will read it ("auto" when not given), refused here as a user error otherwise."""
+    if text is None or text == "auto":
+        return "auto"
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: {text!r:.40} is not a device; accepted: auto, cpu, cuda, "
+                         "cuda:N") from None
+    return text
+
+
 def open_image(path: Path) -> Image.Image:
+    if path.exists() and not path.is_file():  # a FIFO would block the read for ever, /dev/zero never end
+        raise ValueError(f"--init-image {path}: not a regular file; accepted: an image file")
     try:
         with Image.open(path) as image:
             image.load()
             return image
     except Image.UnidentifiedImageError:
         raise ValueError(f"--init-image {path}: not an image file PIL can read") from None
+    except Image.DecompressionBombError as error:
+        # PIL's own guard, on the header, against a small file that decodes into gigabytes
+        raise ValueError(f"--init-image {path}: {error}; accepted: an image PIL decodes (it is resized to "
+                         "--width x --height anyway: scale it down first)") from None
+    except (OSError, SyntaxError) as error:  # PIL reports a truncated or broken file as either
+        raise ValueError(f"--init-image {path}: a broken image file ({str(error)[:120]})") from None
 
 
 def run_convert(args: argparse.Namespace) -> str:

@@ -24,6 +24,7 @@ MIN_SIZE, MAX_SIZE = 64, 2048  # the U-Net downsamples the 1/8 latent 3 times; 2
 GUIDANCE_RANGE = (0.0, 100.0)
 ETA_RANGE = (0.0, 1.0)
 PRECISIONS = ("fp32", "fp16", "bf16")  # the model's weight and activation precision (sdcore.load's dtype)
+BACKENDS = ("torch", "openvino")  # what runs the U-Net and the VAE: torch, or OpenVINO (sdcore.openvino)
 IMG2IMG_STRENGTH = 0.8  # the strength an img2img call runs with when it names none (diffusers' default)
 LORA_WEIGHT_LIMIT = 10.0  # A1111 takes any multiplier; past +-10 a LoRA only makes noise
 # A1111's numbering and slider: 1 is the text encoder's last layer, 12 its first (SD 1.5's has 12 layers)
@@ -199,6 +200,8 @@ def check_float(name: str, value: object, low: float, high: float) -> float:
     accepted = f"a finite number from {low:g} to {high:g}"
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidField(name, f"{shown(value)} is a {type(value).__name__}", accepted)
+    if isinstance(value, int) and not low <= value <= high:  # before isfinite: 10**400 has no float
+        raise InvalidField(name, f"{shown(value)} is out of range", accepted)
     if not math.isfinite(value):
         raise InvalidField(name, f"{value} is not finite", accepted)
     if not low <= value <= high:

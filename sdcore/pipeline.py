@@ -35,7 +35,7 @@ from sdcore.lora import LoRA, LoRAMerge, read_lora
 from sdcore.models.clip import emphasize
 from sdcore.models.winograd import use_winograd
 from sdcore.noise import randn
-from sdcore.params import GENERATION_FIELDS, IMG2IMG_STRENGTH, PRECISIONS, Generation, Request
+from sdcore.params import BACKENDS, GENERATION_FIELDS, IMG2IMG_STRENGTH, PRECISIONS, Generation, Request
 from sdcore.prompts import Chunk, ParsedPrompt, ParsedRequest, empty_chunk, parse_prompt
 
 DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.float16, torch.bfloat16), strict=True))
@@ -65,16 +65,31 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def load(source: str, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
-         tokenizer=None, ema: str | bool = "auto", winograd: bool = False, vae=None) -> Pipeline:
+         tokenizer=None, ema: str | bool = "auto", winograd: bool = False, vae=None,
+         backend: str = "torch") -> Pipeline:
     """Load a checkpoint (.ckpt / .safetensors / diffusers folder / "tiny-random") as a ready Pipeline.
 
     device "auto" takes CUDA when there is a GPU; dtype None is fp16 on CUDA and fp32 on the CPU, decided
     after "auto" is resolved. winograd=True turns on the CPU fp32 fast path for the U-Net's convolutions
     (Pipeline.use_winograd), CPU fp32 only; on a GPU that device "auto" finds it stays off, so one setting
     serves CPU and GPU hosts alike. vae: a standalone VAE file (e.g. the ft-MSE VAE) or diffusers folder to
-    use instead of the checkpoint's (sdcore.checkpoints.load_vae)."""
+    use instead of the checkpoint's (sdcore.checkpoints.load_vae).
+
+    backend "openvino" runs the U-Net and the VAE compiled with OpenVINO on the CPU (Pipeline.use_openvino):
+    the weights load in fp32 and dtype names OpenVINO's precision, fp32 (None) or bf16 where the CPU has it
+    natively. It excludes winograd; like winograd, it stays off on a GPU that device "auto" finds."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not known; accepted: {', '.join(BACKENDS)}")
     auto = device == "auto"
     device = resolve_device(device)
+    if backend == "openvino" and auto and device.type == "cuda":
+        backend = "torch"  # a GPU host that "auto" found runs torch's CUDA kernels
+    precision = None
+    if backend == "openvino":
+        from sdcore.openvino import openvino_precision
+
+        precision = openvino_precision(device, dtype, winograd)  # before reading gigabytes of weights
+        dtype = torch.float32
     dtype = resolve_dtype(dtype, device)
     if winograd and auto and device.type == "cuda":
         winograd = False  # a GPU host that "auto" found: cuDNN picks its own convolution algorithms
@@ -84,6 +99,8 @@ def load(source: str, device: str | torch.device = "auto", dtype: str | torch.dt
                                     vae=vae))
     if winograd:
         pipe.use_winograd()
+    if precision is not None:
+        pipe.use_openvino(precision)
     return pipe
 
 
@@ -115,6 +132,7 @@ class Pipeline:
         self.device, self.dtype = weight.device, weight.dtype
         self.precision = next(name for name, dtype in DTYPES.items() if dtype == self.dtype)
         self.winograd = False
+        self.backend = "torch"  # use_openvino changes it
         # Textual inversion: name -> vectors [n, width]; a prompt word equal to a name stands for its vectors.
         self.embeddings: dict[str, torch.Tensor] = {}
         self._empty_chunk = empty_chunk(self.tokenizer)
@@ -159,6 +177,31 @@ class Pipeline:
             raise ValueError(winograd_error(self.device, self.dtype))
         use_winograd(self.unet, enabled)
         self.winograd = bool(enabled)
+
+    def use_openvino(self, precision: str = "fp32") -> None:
+        """Run the U-Net and the VAE compiled with OpenVINO on the CPU (sdcore.openvino), in OpenVINO's fp32
+        or, where the CPU has it natively, bf16; the text encoder, the samplers and every random draw stay
+        in torch. The converted models are cached on disk by the weights' SHA-256 (random weights are
+        converted every time). A LoRA set converts the U-Net again on its first batch (or reads it from the
+        cache). A VAE added with add_vae runs in torch. Pixels: within a level or two of the torch path.
+        Memory: the compiled weights, next to the torch weights that LoRAs merge into. Speed: BENCHMARKS.md.
+        """
+        from sdcore import openvino
+
+        if self.dtype != torch.float32:
+            raise ValueError(f"use_openvino converts fp32 torch weights, not {self.dtype}; its precision "
+                             "argument sets OpenVINO's (fp32 or bf16)")
+        precision = openvino.openvino_precision(self.device, precision, self.winograd)
+        compiler = openvino.Compiler(precision)
+        weights = self.sha256
+        vae_weights = self.parts.vae_file.sha256 if self.parts.vae_file is not None else weights
+        self.unet = openvino.OpenVINOUNet(self.parts.unet, compiler, weights, self._lora_set)
+        self.vae = openvino.OpenVINOVAE(self.parts.vae, compiler, vae_weights)
+        self.backend, self.precision = "openvino", precision
+
+    def _lora_set(self) -> tuple[str, ...]:
+        """The LoRAs merged into the torch weights now, by file hash and weight: what a compiled U-Net has."""
+        return tuple(f"{lora.sha256} {weight!r}" for lora, weight in self._merge.active)
 
     def cfg_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """The U-Net's latents for CFG's [uncond; cond] contexts: repeated, as diffusers does, or in the
@@ -311,6 +354,8 @@ class Pipeline:
             settings["vae_file"] = {"name": vae_file.name, "sha256": vae_file.sha256}
         if self.winograd:
             settings["winograd"] = True  # recorded only when on: it is why a rerun without it may differ
+        if self.backend != "torch":
+            settings["backend"] = self.backend  # the same: OpenVINO's kernels are a level away from torch's
         return settings
 
     def _lora_record(self, name: str, weight: float) -> dict:

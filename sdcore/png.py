@@ -129,6 +129,9 @@ def read_settings(path_or_bytes: str | os.PathLike | bytes) -> dict:
     """The `sdcore` JSON settings of a PNG written by `png_bytes` (a path or the file's bytes)."""
     source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes | bytearray) else path_or_bytes
     name = "<bytes>" if isinstance(path_or_bytes, bytes | bytearray) else os.fspath(path_or_bytes)
+    if not isinstance(source, io.BytesIO) and os.path.exists(source) and not os.path.isfile(source):
+        # a FIFO would block the read for ever, a device (/dev/zero) never end: only files are images
+        raise ValueError(f"{name}: not a regular file; accepted: a PNG file written by sdcore")
     try:
         with Image.open(source) as image:
             if image.format != "PNG":
@@ -141,6 +144,53 @@ def read_settings(path_or_bytes: str | os.PathLike | bytes) -> dict:
         raise ValueError(f"{name}: no 'sdcore' settings chunk (text chunks found: {found}); "
                          "only PNGs written by sdcore can be regenerated")
     try:
-        return json.loads(text["sdcore"])
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{name}: the 'sdcore' chunk is not valid JSON ({error})") from None
+        settings = json.loads(text["sdcore"])
+    except RecursionError:
+        raise ValueError(f"{name}: the 'sdcore' chunk is not valid JSON (nested too deeply)") from None
+    except ValueError as error:  # JSONDecodeError, or an int of more digits than Python converts
+        raise ValueError(f"{name}: the 'sdcore' chunk is not valid JSON ({str(error)[:120]})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{name}: the 'sdcore' chunk is a JSON {type(settings).__name__}, not an object; "
+                         "only PNGs written by sdcore can be regenerated")
+    problem = _recorded_problem(settings)
+    if problem:
+        raise ValueError(f"{name}: the 'sdcore' chunk: {problem}")
+    return settings
+
+
+# The shapes of the recorded keys that are not a Request's (a Request checks its own fields when it is made
+# from them): what a reader of the settings may then rely on.
+_NAMED = {"name": str}
+RECORDED_SHAPES = {
+    "model": str, "model_hash": (str, type(None)), "precision": str, "random_model": bool, "winograd": bool,
+    "loras": [{"name": str, "weight": (int, float)}], "prompt_loras": [{"name": str, "weight": (int, float)}],
+    "embeddings": [_NAMED], "vae_file": _NAMED,
+}
+
+
+def _recorded_problem(settings: dict) -> str | None:
+    """What is wrong with the recorded keys of RECORDED_SHAPES that are present, or None."""
+    for key, shape in RECORDED_SHAPES.items():
+        if key in settings:
+            problem = _shape_problem(settings[key], shape)
+            if problem:
+                return f"{key}: {problem}"
+    return None
+
+
+def _shape_problem(value, shape) -> str | None:
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"is a {type(value).__name__}; accepted: a list"
+        return next((f"[{i}]: {p}" for i, p in enumerate(_shape_problem(v, shape[0]) for v in value) if p),
+                    None)
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"is a {type(value).__name__}; accepted: an object with {', '.join(shape)}"
+        return next((f"{k}: {p}" for k, p in ((k, _shape_problem(value.get(k), t)) for k, t in shape.items())
+                     if p), None)
+    kinds = shape if isinstance(shape, tuple) else (shape,)
+    # bool is an int to Python, but a weight of true is a broken record, not 1
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        return f"is a {type(value).__name__}; accepted: {' or '.join(k.__name__ for k in kinds)}"
+    return None

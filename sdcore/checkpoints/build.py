@@ -128,15 +128,20 @@ def _tokenizer(path: Path, tokenizer) -> CLIPTokenizer:
 
 
 def _build(component: str, cfg, tensors: dict, device, dtype, mapped: bool) -> nn.Module:
-    """Build on the meta device, then assign the file's tensors: memory is spent once, per tensor."""
+    """Build on the meta device, then assign the file's tensors: memory is spent once, per tensor.
+
+    A memory-mapped tensor is copied even when its dtype and device are already right: its pages belong to
+    the page cache, which the kernel reclaims under memory pressure and reads from disk again at the next
+    step, so a CPU worker's speed would depend on its neighbours' memory use. The copies are anonymous
+    memory and stay resident."""
     module_class, _ = MODELS[component]
     with torch.device("meta"):
         module = module_class(cfg)
     state = {}
     for key in list(tensors):
         source = tensors.pop(key)
-        state[key] = source.to(device=device, dtype=dtype)
-        if mapped and state[key].data_ptr() != source.data_ptr():
+        state[key] = source.to(device=device, dtype=dtype, copy=mapped)
+        if mapped:
             _drop_mapped_pages(source)
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
@@ -166,7 +171,7 @@ _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 def _drop_mapped_pages(tensor: torch.Tensor) -> None:
     """Pages of a memory-mapped file stay in our resident set after we copied (cast) a tensor out of them;
-    tell the kernel we are done so a fp16 file upcast to fp32 does not hold both copies. The mapping is
+    tell the kernel we are done so that the file and the weights are not both held. The mapping is
     private and unmodified, so the pages would simply be read from the file again if touched."""
     if _libc is None:
         return

@@ -92,13 +92,17 @@ def read_file(path: Path, allowed_classes: tuple[type, ...] = ()) -> tuple[dict,
 
     allowed_classes: classes besides tensors and plain containers that the pickle may rebuild (their state
     is restored, none of their code runs), e.g. torch.nn.ParameterDict in old textual-inversion files."""
+    if path.exists() and not path.is_file():
+        # a FIFO would block the read for ever, a device such as /dev/zero never end
+        raise CheckpointError(path, "not a regular file; expected a .ckpt, .pt, .bin or .safetensors file")
     with open(path, "rb") as f:
         head = f.read(16)
+    # safetensors first: its header length (8 bytes, little-endian) may begin with the pickle's 0x80 byte
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size:
+        return _read_safetensors(path), True
     if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC):
         mappable = head.startswith(ZIP_MAGIC)
         return _read_pickle(path, mappable, allowed_classes), mappable
-    if len(head) >= 9 and head[8:9] == b"{":
-        return _read_safetensors(path), True
     size = path.stat().st_size
     raise CheckpointError(
         path,
@@ -119,8 +123,11 @@ def _read_pickle(path: Path, mappable: bool, allowed_classes: tuple[type, ...] =
             "neither a tensor nor a plain container; nothing from it ran. Re-save it as .safetensors where "
             "you trust it.",
         ) from None
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(path, f"truncated or corrupt PyTorch file ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        # the file is untrusted bytes: a broken pickle fails in whatever the unpickler or torch's legacy
+        # loader was doing (RuntimeError, EOFError, struct.error, KeyError ...), and each means "corrupt"
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(path, f"truncated or corrupt PyTorch file ({first[:200]})") from None
     if not isinstance(data, dict):
         raise CheckpointError(path, f"not a checkpoint: the pickle holds a {type(data).__name__}, not a dict")
     return data
@@ -168,7 +175,7 @@ def _reject_other_diffusers_models(folder: Path) -> None:
             "sdcore loads Stable Diffusion 1.x only",
         )
     config = folder / "unet" / "config.json"
-    context = json.loads(config.read_text()).get("cross_attention_dim") if config.is_file() else None
+    context = _read_json_object(config).get("cross_attention_dim") if config.is_file() else None
     if context in (1024, 2048):
         kind = "SD 2.x" if context == 1024 else "SDXL"
         raise CheckpointError(
@@ -176,6 +183,21 @@ def _reject_other_diffusers_models(folder: Path) -> None:
             f"looks like an {kind} diffusers folder (unet cross_attention_dim "
             f"{context}; SD 1.x has 768); sdcore loads Stable Diffusion 1.x only",
         )
+
+
+def _read_json_object(path: Path) -> dict:
+    """A JSON object file (a diffusers config.json); CheckpointError naming the file otherwise."""
+    try:
+        values = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(path, f"not UTF-8 (byte {e.start}); expected a diffusers config.json") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, too many digits, nested too deeply
+        raise CheckpointError(path, f"not valid JSON ({type(e).__name__}: {str(e)[:120]}); expected a "
+                              "diffusers config.json") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(path, f"is a JSON {type(values).__name__}, not an object; expected a diffusers "
+                              "config.json")
+    return values
 
 
 # --------------------------------------------------------------------------------------- a VAE alone

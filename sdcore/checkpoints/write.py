@@ -23,6 +23,7 @@ def convert_checkpoint(src, dst, half=False, layout="original", ema="auto") -> P
     if layout not in ("original", "diffusers"):
         raise ValueError(f"layout={layout!r} is not accepted; use 'original' or 'diffusers'")
     src, dst = Path(src), Path(dst)
+    _check_destination(dst, layout)  # before the source is read: that takes a while for a 4 GB file
     weights, _, _ = read_original_layout(src)
     parts = select_weights(src, weights, ema)
 
@@ -97,8 +98,21 @@ def diffusers_config(component: str, cfg) -> dict:
     }
 
 
+def _check_destination(dst: Path, layout: str) -> None:
+    if layout != "original":
+        return  # the diffusers layout makes its folders (mkdir names a file in the way)
+    if dst.is_dir():
+        raise ValueError(f"{dst}: is a folder; accepted: the path of the .safetensors file to write")
+    if not dst.parent.is_dir():
+        raise ValueError(f"{dst.parent}: no such folder; accepted: a file path in an existing folder")
+
+
 def _save_atomically(tensors: dict[str, torch.Tensor], dst: Path) -> None:
     """Write beside `dst`, then rename: readers (and the source, if dst == src) never see half a file."""
     tmp = dst.with_name(dst.name + ".partial")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, dst)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, a folder in the way) leaves nothing behind
+        raise
