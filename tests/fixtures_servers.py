@@ -360,7 +360,9 @@ def sdbatch_env(config: str | os.PathLike, broker_url: str, s3: S3Server | None 
     and oversubscribed OpenMP threads spin on each other (a tiny-random batch measured 0.1 s with one thread,
     11-26 s with two on a loaded machine), which blows the batches' time limits."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SDBATCH_"))}
-    return {**inherited, "OMP_NUM_THREADS": "1", "SDBATCH_CONFIG": str(config),
+    # no metrics endpoint unless a test names a port in `extra`: the workers of concurrent tests would all
+    # want the default 9808
+    return {**inherited, "OMP_NUM_THREADS": "1", "SDBATCH_CONFIG": str(config), "SDBATCH_METRICS_PORT": "0",
             "SDBATCH_BROKER_URL": broker_url, **(s3.env() if s3 is not None else {}), **extra}
 
 

@@ -12,6 +12,8 @@ import yaml
 
 from tests.fixtures_servers import worker_command
 from worker.config import load_config
+from worker.messages import queue_lists
+from worker.metrics import metrics_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -104,16 +106,17 @@ def test_the_grace_period_outlasts_the_longest_micro_batch():
     assert pod["terminationGracePeriodSeconds"] > limits.batch_time_limit
 
 
-def test_keda_scales_the_worker_deployment_on_the_queue_it_consumes_from_zero():
+def test_keda_scales_the_worker_deployment_on_every_priority_list_of_its_queue_from_zero():
     scaled = k8s("ScaledObject", "sdbatch-worker")["spec"]
-    [trigger] = scaled["triggers"]
     [worker] = k8s("Deployment", "sdbatch-worker")["spec"]["template"]["spec"]["containers"]
+    queue = repo_config(config_of(worker["command"])).broker.queue
 
     assert scaled["scaleTargetRef"]["name"] == "sdbatch-worker"
     assert scaled["minReplicaCount"] == 0
-    assert trigger["type"] == "redis"
-    assert trigger["metadata"]["listName"] == repo_config(config_of(worker["command"])).broker.queue
-    assert trigger["metadata"]["address"].startswith(k8s("Service", "redis")["metadata"]["name"] + ".")
+    assert [trigger["metadata"]["listName"] for trigger in scaled["triggers"]] == queue_lists(queue)
+    for trigger in scaled["triggers"]:
+        assert trigger["type"] == "redis"
+        assert trigger["metadata"]["address"].startswith(k8s("Service", "redis")["metadata"]["name"] + ".")
 
 
 def test_every_long_running_container_has_liveness_and_readiness_probes():
@@ -159,6 +162,33 @@ def test_flower_requires_basic_auth_and_prometheus_scrapes_its_metrics():
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
 
 
+def test_worker_liveness_is_local_while_readiness_pings_through_the_broker():
+    [worker] = k8s("Deployment", "sdbatch-worker")["spec"]["template"]["spec"]["containers"]
+    env = {v["name"]: v["value"] for v in worker["env"] if "value" in v}
+    ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
+
+    # an HTTP GET of this container's own metrics endpoint (no host: the pod's): no command, no broker
+    timing = {"periodSeconds", "timeoutSeconds", "failureThreshold"}
+    for probe in ("livenessProbe", "startupProbe"):
+        assert set(worker[probe]) - timing == {"httpGet"}, probe
+        assert worker[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+    assert ports["metrics"] == metrics_port("0", env)  # the pod's one GPU is index 0 to its worker
+    assert "inspect ping" in " ".join(worker["readinessProbe"]["exec"]["command"])
+
+
+def test_prometheus_scrapes_the_metrics_port_of_every_worker_pod():
+    pod = k8s("Deployment", "sdbatch-worker")["spec"]["template"]
+    service = k8s("Service", "sdbatch-worker")
+    monitor = k8s("ServiceMonitor", "sdbatch-worker")["spec"]
+    [endpoint] = monitor["endpoints"]
+    [port] = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert port["targetPort"] in {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert endpoint["path"] == "/metrics"
+
+
 # --- compose ------------------------------------------------------------------------------------------------
 
 def test_the_compose_cpu_profile_runs_the_demo_config_with_the_tests_worker_command():
@@ -181,6 +211,16 @@ def test_compose_gpu_workers_each_reserve_one_distinct_gpu_and_outlast_a_batch()
         assert seconds(service["stop_grace_period"]) > limits.batch_time_limit, name
 
     assert len(gpu_workers) >= 2 and len(set(reserved)) == len(reserved)
+
+
+def test_the_compose_fleet_profile_routes_each_model_to_the_queue_its_workers_consume():
+    fleet = [service for service in compose()["services"].values() if "fleet" in service.get("profiles", [])]
+    configs = [repo_config(config_of(service["command"])) for service in fleet]
+    served = {settings.model.name: settings.broker.queue for settings in configs}
+
+    assert len(served) == len(fleet) == 2  # two models, one worker service each
+    for settings in configs:  # each config enqueues for the whole fleet, on the queues its workers consume
+        assert {name: route.queue for name, route in settings.models.items()} == served
 
 
 def test_compose_workers_name_their_config_for_the_healthcheck_too():
@@ -220,7 +260,7 @@ def test_dockerfile_installs_the_project_and_runs_as_non_root_with_a_healthcheck
     workdir = [args for op, args in lines if op == "WORKDIR"]
 
     assert "cuda" in next(args for op, args in lines if op == "ARG" and "BASE_IMAGE" in args)
-    assert ("RUN", 'pip install ".[worker]"') in lines and ("COPY", "pyproject.toml ./") in lines
+    assert ("RUN", 'pip install ".[worker,openvino]"') in lines and ("COPY", "pyproject.toml ./") in lines
     assert users and users[-1] not in ("root", "0")
     assert any(op == "HEALTHCHECK" and "inspect ping" in args for op, args in lines)
     assert workdir == [IMAGE_WORKDIR.rstrip("/")] and ("COPY", "configs ./configs") in lines

@@ -87,7 +87,7 @@ BAD_LINES = [
      "images: 0 is out of range; accepted: an integer from 1 to 16"),
     ("images huge", jsonl({"prompt": "a", "images": 10**9}), "images: 1000000000 is out of range"),
     ("unknown key", jsonl({"prompt": "a", "cfg": 7}),
-     "cfg: is not a known field; accepted: prompt, negative_prompt, seed, images, sampler, steps"),
+     "cfg: is not a known field; accepted: prompt, negative_prompt, seed, images, model, sampler, steps"),
     ("micro_batch is not per line", jsonl({"prompt": "a", "micro_batch": 2}),
      "micro_batch: is not a known field"),
     ("strength is img2img's", jsonl({"prompt": "a", "strength": 0.5}), "strength: is not a known field"),
@@ -157,7 +157,7 @@ def test_csv_header_with_an_unknown_column_is_refused(tmp_path):
     errors = errors_of(tmp_path, "p.csv", "prompt,cfg\na,7\n")
 
     assert errors == [f"{tmp_path / 'p.csv'}:1: the header column 'cfg' is not a known field; "
-                      "accepted columns: prompt, negative_prompt, seed, images, sampler, steps, "
+                      "accepted columns: prompt, negative_prompt, seed, images, model, sampler, steps, "
                       "guidance_scale, width, height, eta, clip_skip, loras, vae"]
 
 

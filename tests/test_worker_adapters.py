@@ -32,6 +32,7 @@ from worker import client, progress
 from worker.adapters import Adapters
 from worker.config import AdapterSettings, ConfigError, load_config
 from worker.jobs import PromptFileError
+from worker.messages import queue_list
 from worker.storage import LocalStorage, S3Storage
 
 pytest_plugins = ["tests.fixtures_servers"]
@@ -185,7 +186,7 @@ def test_a_run_naming_a_missing_lora_or_vae_is_refused_by_line_and_nothing_is_qu
         f"{prompts}:3: loras: LoRA 'gone' is not in {settings.adapters.url}/loras; accepted: style",
         f"{prompts}:5: vae: VAE 'ft' is not in {settings.adapters.url}/vaes; accepted: none there"]
     assert not store.exists("refused/run.jsonl")
-    assert redis.Redis.from_url(settings.broker.url).llen(QUEUE) == 0
+    assert redis.Redis.from_url(settings.broker.url).llen(queue_list(QUEUE)) == 0
 
 
 def test_enqueue_checks_loras_against_a_local_folder_or_refuses_them_without_adapters(tmp_path):

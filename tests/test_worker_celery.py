@@ -18,7 +18,7 @@ from tests.fixtures_servers import sdbatch_env, wait_for
 from worker import client, progress
 from worker.app import make_app
 from worker.config import load_config
-from worker.messages import TASK_NAME
+from worker.messages import FINISH_TASK_NAME, TASK_NAME, queue_list
 from worker.storage import S3Storage
 
 pytestmark = pytest.mark.integration
@@ -106,14 +106,14 @@ def test_enqueue_refuses_a_bad_file_and_sends_nothing(service, tmp_path):
     assert result.returncode == 3
     assert f"{prompts}:2: width: 100 is not a multiple of 8" in result.stderr
     assert f"{prompts}:3: seed: -1 is out of range" in result.stderr
-    assert redis.Redis.from_url(settings.broker.url).llen(settings.broker.queue) == 0
+    assert redis.Redis.from_url(settings.broker.url).llen(queue_list(settings.broker.queue)) == 0
 
 
 def test_a_message_shows_a_short_summary_not_a_repr_of_all_its_jobs(service):
     _, _, settings, _ = service
     client.enqueue([f"prompt {n}" for n in range(6)], settings, run_id="summary")
 
-    raw = redis.Redis.from_url(settings.broker.url).lrange(settings.broker.queue, 0, -1)
+    raw = redis.Redis.from_url(settings.broker.url).lrange(queue_list(settings.broker.queue), 0, -1)
     headers = [json.loads(message)["headers"] for message in raw]
     assert sorted(h["argsrepr"] for h in headers) == ["[run summary: 2 jobs, 0000005-000..0000006-000]",
                                                       "[run summary: 4 jobs, 0000001-000..0000004-000]"]
@@ -181,7 +181,9 @@ def test_200_prompts_through_2_workers_all_land_in_s3_matching_their_lines(servi
         assert Image.open(io.BytesIO(png)).size == (64, 64)
     assert len({json.loads(store.get(key))["worker"] for key in metas}) >= 1
     tasks = monitor.get_json("/api/tasks?limit=1000")
-    assert sum(task["state"] == "SUCCESS" for task in tasks.values()) == 50  # 200 jobs / micro_batch 4
+    succeeded = [task["name"] for task in tasks.values() if task["state"] == "SUCCESS"]
+    assert succeeded.count(TASK_NAME) == 50  # 200 jobs / micro_batch 4
+    assert succeeded.count(FINISH_TASK_NAME) == 1  # the run's manifest and announcement (worker.finish)
     assert monitor.get("/api/workers", auth=False)[0] == 401
 
 
@@ -206,7 +208,7 @@ def test_failed_lists_failures_and_retry_runs_them_again(service, worker_process
     config, env, settings, store = service
     run_id = client.enqueue(["first", "second"], settings)
     broker = redis.Redis.from_url(settings.broker.url)
-    broker.delete(settings.broker.queue)  # the batch never ran ...
+    broker.delete(queue_list(settings.broker.queue))  # the batch never ran ...
     counters = progress.RunProgress(progress.connect(settings.broker.url), run_id)
     counters.failed("0000002-000", "RuntimeError: CUDA error: an illegal memory access")  # ... as if failed
 

@@ -110,7 +110,10 @@ class Recorder:
     def started(self):
         pass
 
-    def done(self, job_id):
+    def state(self):
+        return "active"
+
+    def done(self, job_id, image_sha256=None):
         self.finished.append(job_id)
 
     def failed(self, job_id, reason):
@@ -174,3 +177,16 @@ def test_model_winograd_reaches_the_pipeline_and_the_metadata(tmp_path):
     BatchRunner(fast, store, "test@host").run("run-w", jobs_of([5]), recorder)
     meta = json.loads((tmp_path / "run-w" / "meta" / f"{jobs_of([5])[0].job_id}.json").read_text())
     assert meta["winograd"] is True
+
+
+def test_sdbatch_config_in_the_environment_stands_in_for_config_on_every_command(monkeypatch, capsys):
+    from worker.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["status", "some-run"])
+    assert "the following arguments are required: --config" in capsys.readouterr().err
+    monkeypatch.setenv("SDBATCH_CONFIG", str(REPO / "configs" / "demo.yaml"))
+    monkeypatch.setenv("SDBATCH_BROKER_URL", "redis://127.0.0.1:6379/15")
+
+    assert main(["status", "no-such-run"]) == 3
+    assert "run no-such-run has no counters on redis://127.0.0.1:6379/15" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from celery import Celery
 from kombu.transport import redis as kombu_redis
 
 from worker.config import Settings, from_env
-from worker.messages import soft_limit
+from worker.messages import PRIORITIES, soft_limit
 
 log = logging.getLogger(__name__)
 RESTORE_INTERVAL_S = 5
@@ -109,6 +109,9 @@ def celery_config(settings: Settings) -> dict:
         # kombu scans for expired unacked messages every interval * throttle seconds (10 * 10 by default)
         "unacked_restore_interval": RESTORE_INTERVAL_S,
         "unacked_restore_throttle": 1,
+        # priorities (messages.PRIORITIES) are lists QUEUE, QUEUE:3, QUEUE:6 (kombu's default separator is
+        # "\x06\x16", awkward in redis-cli and in KEDA's listName)
+        "sep": ":",
         # a publish to a broker that vanished without closing the socket fails instead of hanging
         "socket_timeout": 30,
         "socket_connect_timeout": 5,
@@ -130,6 +133,7 @@ def celery_config(settings: Settings) -> dict:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": settings.broker.queue,
+        "task_default_priority": PRIORITIES["normal"],
         "task_routes": {"sdbatch.*": {"queue": settings.broker.queue}},
         "task_publish_retry": True,
         "task_publish_retry_policy": {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5,
@@ -151,7 +155,16 @@ def make_app(settings: Settings) -> Celery:
     # `include` names the task module only: a worker imports it when it starts, a client never does
     app = Celery("sdbatch", include=["worker.tasks"], set_as_current=False)
     app.conf.update(celery_config(settings))
+    app.on_after_finalize.connect(_serve_only_sdbatch_tasks)
     return app
+
+
+def _serve_only_sdbatch_tasks(sender: Celery, **_) -> None:
+    """Unregister Celery's built-in tasks (celery.accumulate, celery.chord_unlock, celery.starmap ...):
+    anyone who can write to the queue could otherwise make a GPU worker run them. A message naming one is
+    then refused as an unregistered task, like any other name but sdbatch's own."""
+    for name in [name for name in sender.tasks if not name.startswith("sdbatch.")]:
+        sender.tasks.unregister(name)
 
 
 def __getattr__(name: str):

@@ -18,10 +18,11 @@ from typing import Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from worker import metrics
 from worker.adapters import AdapterError, Adapters, loras_named
 from worker.config import ModelSettings
 from worker.jobs import Job
-from worker.messages import from_message
+from worker.messages import from_message, message_model
 from worker.storage import StorageError, StorageUnavailable
 from worker.validate import Limits
 
@@ -33,19 +34,25 @@ NON_FINITE = "non-finite output: the latents held NaN or inf after the last step
 class Recorder(Protocol):
     def started(self) -> None: ...
 
-    def done(self, job_id: str) -> None: ...
+    def done(self, job_id: str, image_sha256: str | None = None) -> None: ...
 
     def failed(self, job_id: str, reason: str) -> None: ...
+
+    def state(self) -> str: ...  # worker.progress.STATES
+
+    def hold(self, message: str) -> bool: ...
+
+    def cancelled(self, job_ids: list[str]) -> None: ...
 
 
 def load_pipeline(model: ModelSettings, adapters: Adapters | None = None):
     """The pipeline `model:` names, as configured: sdcore itself resolves device auto, the precision it
-    implies and where winograd can run; with every embedding of the adapter locations added (the prompt word
-    is the file's stem). LoRAs are added by the batches that name them (BatchRunner)."""
+    implies and where winograd and the backend can run; with every embedding of the adapter locations added
+    (the prompt word is the file's stem). LoRAs are added by the batches that name them (BatchRunner)."""
     import sdcore
 
     pipe = sdcore.load(model.checkpoint, device=model.device, dtype=model.precision, winograd=model.winograd,
-                       vae=model.vae)
+                       vae=model.vae, backend=model.backend)
     if adapters is not None:
         for name in adapters.available("embeddings"):
             pipe.add_embedding(adapters.path("embeddings", name), name)
@@ -61,8 +68,10 @@ def is_out_of_memory(error: BaseException) -> bool:
 class BatchRunner:
     """Makes the images of micro-batches with one resident pipeline and writes them to one store."""
 
-    def __init__(self, pipe, store, hostname: str, adapters: Adapters | None = None):
+    def __init__(self, pipe, store, hostname: str, adapters: Adapters | None = None,
+                 model: str | None = None):
         self.pipe, self.store, self.hostname, self.adapters = pipe, store, hostname, adapters
+        self.model = model  # the name jobs call the pipeline's model (model.name); None: take any message
         self.uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload")
 
     def load_adapters(self, jobs: list[Job]) -> None:
@@ -86,6 +95,8 @@ class BatchRunner:
                     add(self.adapters.path(kind, name), name)
                 except (AdapterError, KeyError, ValueError) as error:  # CheckpointError: sdcore refuses it
                     log.error("%s %s could not be loaded: %s", kind[:-1], name, error)
+                    continue
+                metrics.adapter_loads.labels(kind[:-1]).inc()
 
     def run(self, run_id: str, jobs: list[Job], recorder: Recorder) -> None:
         recorder.started()
@@ -107,13 +118,13 @@ class BatchRunner:
         try:
             for job, upload in pending:
                 try:
-                    upload.result()
+                    image_sha256 = upload.result()
                 except StorageError as error:
                     if isinstance(error, StorageUnavailable):
                         raise
                     recorder.failed(job.job_id, f"storage: {error}")
                     continue
-                recorder.done(job.job_id)
+                recorder.done(job.job_id, image_sha256)
         except SoftTimeLimitExceeded:
             # the images exist but the store took them too slowly for the batch's time limit: as for an
             # outage, retry the batch later (it makes the same bytes again)
@@ -124,6 +135,8 @@ class BatchRunner:
             # an upload that still lands later writes the same bytes the retry will.
             for _, upload in pending:
                 upload.cancel()
+        metrics.batch_ran(self.pipe.name, time.perf_counter() - start, generate_s * len(jobs),
+                          jobs[0].request.generation.steps)
 
     def _generate(self, jobs: list[Job]) -> list[tuple[Job, object]]:
         """One pipeline pass: [(job, PIL image, or NON_FINITE when its latents were not finite)]."""
@@ -166,7 +179,8 @@ class BatchRunner:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _write(self, run_id: str, job: Job, image, batch_size: int, generate_s: float) -> None:
+    def _write(self, run_id: str, job: Job, image, batch_size: int, generate_s: float) -> str:
+        """Store the PNG and its metadata; returns the PNG's SHA-256."""
         from sdcore.png import png_bytes
 
         settings = self.pipe.metadata(job.request)
@@ -185,17 +199,49 @@ class BatchRunner:
         }
         meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False, indent=1).encode()
         self.store.put(f"{run_id}/meta/{job.job_id}.json", meta_json, "application/json")
+        return meta["image_sha256"]
+
+
+def wrong_model(message: dict, runner: BatchRunner) -> str | None:
+    """Why this runner must not render the message, or None."""
+    name, sha256 = message_model(message)
+    if name is None or runner.model is None:
+        return None
+    if name != runner.model:
+        return (f"a batch for model {name} reached a worker holding {runner.model}; accepted: the queue of "
+                f"{name}'s workers (models.{name}.queue of the enqueueing config)")
+    if sha256 and runner.pipe.sha256 and sha256 != runner.pipe.sha256:
+        return (f"a batch for model {name} with sha256 {sha256[:12]}... reached a worker whose {name} has "
+                f"sha256 {runner.pipe.sha256[:12]}...; accepted: the same weights under one name")
+    return None
 
 
 def process(message: object, runner: BatchRunner, limits: Limits, recorder_for) -> str:
-    """The task body: check the message, record its unusable jobs as failed, run the rest. Returns the run
-    id; raises MessageError for a message that cannot be used at all."""
+    """The task body: check the message, record its unusable jobs as failed, run the rest, unless the run is
+    cancelled (its jobs are recorded as cancelled, the model never runs) or paused (the message is held for
+    `sdbatch unpause`). A message for another model than the runner's fails whole, naming both: it reached
+    the wrong queue, and no image is made with the wrong model. Returns the run id; raises MessageError for
+    a message that cannot be used at all."""
     run_id, jobs, rejected = from_message(message, limits)
     recorder = recorder_for(run_id)
     for job_id, reason in rejected:
         log.error("run %s: rejected job %s: %s", run_id, job_id or "?", reason)
         if job_id:
             recorder.failed(job_id, reason)
-    if jobs:
+    if not jobs:
+        return run_id
+    wrong = wrong_model(message, runner)
+    if wrong:
+        log.error("run %s: %s", run_id, wrong)
+        for job in jobs:
+            recorder.failed(job.job_id, wrong)
+        return run_id
+    state = recorder.state()
+    if state == "cancelled":
+        recorder.cancelled([job.job_id for job in jobs])
+        log.info("run %s is cancelled: dropped %d jobs", run_id, len(jobs))
+    elif state == "paused" and recorder.hold(json.dumps(message)):
+        log.info("run %s is paused: held a batch of %d jobs", run_id, len(jobs))
+    else:
         runner.run(run_id, jobs, recorder)
     return run_id

@@ -1,12 +1,13 @@
-"""`sdbatch`: run | enqueue | worker | status | failed | retry | resume.
+"""`sdbatch`: run | enqueue | worker | status | failed | retry | resume | cancel | pause | unpause | gallery.
 
     sdbatch run examples/prompts.txt --config configs/demo.yaml          # embedded: no Redis, no S3
     sdbatch enqueue prompts.jsonl --config configs/sd15-fp16.yaml        # prints the run id last
     sdbatch worker --config configs/sd15-fp16.yaml --devices all         # one Celery worker per GPU
     sdbatch status RUN_ID --config configs/sd15-fp16.yaml --wait         # 0 all done, 2 some failed
 
-Exit codes: 0 success; 1 still pending (status without --wait); 2 some jobs failed; 3 bad input or config;
-4 Redis or the store unavailable (after retries; nothing half-done is lost: `resume` finishes an enqueue).
+Exit codes: 0 success; 1 still pending (status without --wait); 2 some jobs failed; 3 bad input or config
+(missing or refused S3 credentials included); 4 Redis or the store unavailable (after retries; nothing
+half-done is lost: `resume` finishes an enqueue).
 
 Worker node names are unique per host: `cpu@host` and `gpuN@host` for the first supervisor, `cpu-2@host` ...
 for further ones on the same host (Celery and Flower need unique names), or `--name NAME` (env
@@ -35,6 +36,10 @@ NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    # $SDBATCH_CONFIG stands in for --config on every command (the variable `sdbatch worker` also sets)
+    config = os.environ.get("SDBATCH_CONFIG")
+    config_option = {"default": config} if config else {"required": True}
+    config_option["help"] = "the YAML config (default: $SDBATCH_CONFIG)"
     parser = argparse.ArgumentParser(prog="sdbatch", description="Batch image generation with sdcore.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -44,15 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     enqueue = commands.add_parser("enqueue", help="validate a prompt file and queue it for the workers")
     enqueue.add_argument("prompts", help="a .txt, .jsonl or .csv prompt file")
     for command in (run, enqueue):
-        command.add_argument("--config", required=True)
+        command.add_argument("--config", **config_option)
         command.add_argument("--run-id", help="[A-Za-z0-9_-]{1,64}; default: time + random suffix")
         command.add_argument("--images-per-prompt", type=int, default=1, metavar="N")
         command.add_argument("--seed", type=int, help="the run's base seed (default: sampling.seed)")
         command.add_argument("--skip-invalid", action="store_true",
                              help="report bad lines and go on with the good ones")
+    enqueue.add_argument("--priority", choices=("high", "normal", "low"), default="normal",
+                         help="workers take a queued batch of a higher-priority run first (default normal)")
+    enqueue.add_argument("--notify", metavar="URL",
+                         help="POST the run's summary here at its finish (signed with $SDBATCH_HOOK_SECRET)")
 
     worker = commands.add_parser("worker", help="start one Celery worker process per device")
-    worker.add_argument("--config", required=True)
+    worker.add_argument("--config", **config_option)
     worker.add_argument("--devices", default="all", help="all | cpu | comma-separated GPU indices (0,1)")
     worker.add_argument("--concurrency", type=int, default=1, help="pool processes per device")
     worker.add_argument("--loglevel", default="INFO")
@@ -61,10 +70,14 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, text in (("status", "progress of a run"), ("failed", "list a run's failed jobs"),
                        ("retry", "re-enqueue a run's failed jobs"),
-                       ("resume", "re-enqueue every job whose image is missing from storage")):
+                       ("resume", "re-enqueue every job whose image is missing from storage"),
+                       ("cancel", "drop a run's queued batches unrun (its other jobs end cancelled)"),
+                       ("pause", "set a run's batches aside as workers reach them, until unpause"),
+                       ("unpause", "enqueue a paused run's set-aside batches again"),
+                       ("gallery", "write an HTML page of a run's images and failures into its storage")):
         command = commands.add_parser(name, help=text)
         command.add_argument("run_id")
-        command.add_argument("--config", required=True)
+        command.add_argument("--config", **config_option)
         if name == "status":
             command.add_argument("--wait", action="store_true",
                                  help="follow until every job is done or failed")
@@ -91,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT
     except BROKER_ERRORS as error:
         print(f"sdbatch: broker {redact_url(settings.broker.url)} unavailable ({error}); accepted: a "
-              "reachable Redis with the right password (SDBATCH_BROKER_URL or broker.url)", file=sys.stderr)
+              "reachable Redis with the right password (in SDBATCH_BROKER_URL)", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except OSError as error:  # a file named on the command line or in the config: missing, unreadable ...
+        print(f"sdbatch: {error}", file=sys.stderr)
+        return EXIT_INPUT
 
 
 def cmd_run(args, settings: Settings) -> int:
@@ -109,14 +125,16 @@ def cmd_run(args, settings: Settings) -> int:
                                            args.seed, args.skip_invalid)
     _print_skipped(errors)
     store = open_storage(settings.storage, args.out)
-    store.put(f"{run_id}/run.jsonl", run_record(run_id, header, jobs), "application/x-ndjson")
     adapters = Adapters(settings.adapters, settings.storage.endpoint_url) if settings.adapters.configured \
         else None
+    # the model before the run record: a model that cannot load (no GPU for device cuda, a missing file)
+    # leaves no run behind
     pipe = load_pipeline(settings.model, adapters)
+    store.put(f"{run_id}/run.jsonl", run_record(run_id, header, jobs), "application/x-ndjson")
     if pipe.is_random:
         print(f"sdbatch: model {pipe.name} has random weights: its images are noise patterns, not art",
               file=sys.stderr)
-    runner = BatchRunner(pipe, store, f"local@{socket.gethostname()}", adapters)
+    runner = BatchRunner(pipe, store, f"local@{socket.gethostname()}", adapters, settings.model.name)
     recorder = LocalRecorder(tqdm(total=len(jobs), unit="img", desc=run_id))
     for batch in micro_batches(jobs, settings.sampling.micro_batch):
         process(to_message(run_id, batch), runner, settings.limits, lambda _: recorder)
@@ -136,7 +154,10 @@ class LocalRecorder:
     def started(self) -> None:
         pass  # the bar started when the run did
 
-    def done(self, job_id: str) -> None:
+    def state(self) -> str:
+        return "active"  # an in-process run is stopped with Ctrl-C, not cancelled or paused
+
+    def done(self, job_id: str, image_sha256: str | None = None) -> None:
         self.bar.update(1)
 
     def failed(self, job_id: str, reason: str) -> None:
@@ -149,7 +170,7 @@ def cmd_enqueue(args, settings: Settings) -> int:
 
     start = time.perf_counter()
     run_id, jobs, errors, header = client.prepare(args.prompts, settings, args.run_id, args.images_per_prompt,
-                                                  args.seed, args.skip_invalid)
+                                                  args.seed, args.skip_invalid, args.priority, args.notify)
     _print_skipped(errors)
     client.enqueue_prepared(settings, run_id, jobs, header)
     print(f"enqueued {len(jobs)} jobs on {redact_url(settings.broker.url)} queue {settings.broker.queue} "
@@ -164,13 +185,17 @@ def _print_skipped(errors: list[str]) -> None:
 
 
 def cmd_worker(args, settings: Settings) -> int:
+    from worker.metrics import WorkerMetrics
+
     devices = _devices(args.devices, settings)
+    _check_store(settings)
     if args.name is not None and not NODE_NAME_PATTERN.fullmatch(args.name):
         raise ConfigError(f"--name: {args.name!r} is not a node name; accepted: 1 to 64 characters from "
                           "A-Z a-z 0-9 _ . -")
     env = {**os.environ, "SDBATCH_CONFIG": os.path.abspath(args.config)}
     children: dict[int, tuple[str, subprocess.Popen]] = {}
     names = {device: claim_node_name(_node_base(device, args.name)) for device in devices}
+    exporters = {device: WorkerMetrics(device, os.environ) for device in devices}
 
     def start(device: str) -> None:
         name = names[device][0]
@@ -183,7 +208,8 @@ def cmd_worker(args, settings: Settings) -> int:
         argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-n", f"{name}@%h",
                 "-Q", settings.broker.queue, "-P", "prefork", "-c", str(args.concurrency), "-E",
                 "--without-gossip", "--without-mingle", "--loglevel", args.loglevel]
-        process = subprocess.Popen(argv, env={**env, "CUDA_VISIBLE_DEVICES": visible})
+        process = subprocess.Popen(argv, env={**env, "CUDA_VISIBLE_DEVICES": visible,
+                                              **exporters[device].env()})
         children[process.pid] = (device, process)
         print(f"sdbatch: started {name}@{socket.gethostname()} (pid {process.pid}) on "
               f"{redact_url(settings.broker.url)} queue {settings.broker.queue}", file=sys.stderr)
@@ -213,6 +239,19 @@ def cmd_worker(args, settings: Settings) -> int:
             print(f"sdbatch: worker on device {device} exited with {status}; restarting it", file=sys.stderr)
             start(device)
     return status if status > 0 else 0
+
+
+def _check_store(settings: Settings) -> None:
+    """Missing or refused S3 credentials, a bucket that does not exist: configuration errors, said before any
+    worker starts (StorageError, exit 3), not after each batch has retried them as an outage for an hour. A
+    store that does not answer now may later: the workers start and retry their batches."""
+    from worker.storage import StorageUnavailable, open_storage
+
+    try:
+        open_storage(settings.storage).list("sdbatch-worker-start-check")
+    except StorageUnavailable as error:
+        print(f"sdbatch: warning: storage unavailable ({error}); starting the workers, whose batches wait "
+              "for it", file=sys.stderr)
 
 
 def _node_base(device: str, name: str | None) -> str:
@@ -274,14 +313,16 @@ def cmd_status(args, settings: Settings) -> int:
         while True:
             bar.n = status.done
             rate, eta = status.images_per_second(), status.eta_seconds()
-            bar.set_postfix_str(f"failed={status.failed} pending={status.pending} "
+            bar.set_postfix_str(f"{status.state} failed={status.failed} pending={status.pending} "
                                 f"{rate or 0:.2f} img/s ETA {_duration(eta)}")
             if status.finished:
                 break
             time.sleep(0.5)
             status = counters.status()
         bar.close()
-    print(f"{args.run_id}: {status.done}/{status.total} done, {status.failed} failed, "
+    state = "" if status.state == "active" else f" ({status.state})"
+    cancelled = f"{status.cancelled} cancelled, " if status.cancelled else ""
+    print(f"{args.run_id}{state}: {status.done}/{status.total} done, {status.failed} failed, {cancelled}"
           f"{status.pending} pending, {status.images_per_second() or 0:.2f} img/s, "
           f"ETA {_duration(status.eta_seconds())}")
     if status.failed:
@@ -322,8 +363,44 @@ def cmd_resume(args, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_cancel(args, settings: Settings) -> int:
+    from worker import client
+
+    held = client.cancel(settings, args.run_id)
+    print(f"cancelled {args.run_id}: workers drop its queued batches as they reach them"
+          + (f"; {held} set-aside jobs cancelled" if held else ""))
+    return EXIT_OK
+
+
+def cmd_pause(args, settings: Settings) -> int:
+    from worker import client
+
+    client.pause(settings, args.run_id)
+    print(f"paused {args.run_id}: workers set its batches aside as they reach them; "
+          f"`sdbatch unpause {args.run_id}` enqueues them again")
+    return EXIT_OK
+
+
+def cmd_unpause(args, settings: Settings) -> int:
+    from worker import client
+
+    print(f"unpaused {args.run_id}: re-enqueued {client.unpause(settings, args.run_id)} set-aside batches")
+    return EXIT_OK
+
+
+def cmd_gallery(args, settings: Settings) -> int:
+    from worker import client
+
+    def warn(text: str) -> None:
+        print(f"sdbatch: warning: {text}", file=sys.stderr)
+
+    print(client.gallery(settings, args.run_id, warn))
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "enqueue": cmd_enqueue, "worker": cmd_worker, "status": cmd_status,
-            "failed": cmd_failed, "retry": cmd_retry, "resume": cmd_resume}
+            "failed": cmd_failed, "retry": cmd_retry, "resume": cmd_resume, "cancel": cmd_cancel,
+            "pause": cmd_pause, "unpause": cmd_unpause, "gallery": cmd_gallery}
 
 if __name__ == "__main__":
     sys.exit(main())

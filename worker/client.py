@@ -10,18 +10,21 @@ counters to Redis, then the messages; so a run that was enqueued at all can be r
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
+from urllib.parse import urlsplit
 
 import redis
 from kombu.exceptions import OperationalError
 
 from sdcore.errors import InvalidField
-from sdcore.params import MAX_SEED, check_int
+from sdcore.params import MAX_SEED, Generation, check_int
 from worker import progress
 from worker.app import make_app
-from worker.config import Settings, load_config, redact_url
+from worker.config import Settings, load_config, redact_url, shown
+from worker.finish import finish_if_done
 from worker.jobs import (
     Job,
     PromptFileError,
@@ -33,7 +36,7 @@ from worker.jobs import (
     read_run_record,
     run_record,
 )
-from worker.messages import TASK_NAME, time_limits, to_message
+from worker.messages import PRIORITIES, TASK_NAME, time_limits, to_message
 from worker.storage import open_storage
 from worker.validate import check_run_id
 
@@ -54,11 +57,16 @@ def _settings(config: str | os.PathLike | Settings) -> Settings:
 
 
 def prepare(prompts, settings: Settings, run_id: str | None = None, images_per_prompt: int = 1,
-            seed: int | None = None, skip_invalid: bool = False) -> tuple[str, list[Job], list[str], dict]:
+            seed: int | None = None, skip_invalid: bool = False, priority: str = "normal",
+            notify: str | None = None) -> tuple[str, list[Job], list[str], dict]:
     """Parse and check the input; returns (run id, jobs, errors of skipped lines, run header)."""
     try:
         run_id = check_run_id(run_id) if run_id is not None else new_run_id()
         base_seed = check_int("--seed", seed, 0, MAX_SEED) if seed is not None else settings.sampling.seed
+        if priority not in PRIORITIES:
+            raise InvalidField("--priority", f"{shown(priority)} is not a priority", ", ".join(PRIORITIES))
+        if notify is not None:
+            check_hook_url(notify)
     except InvalidField as error:
         raise RunError(str(error)) from None
     defaults, limits = settings.sampling.generation, settings.limits
@@ -66,26 +74,44 @@ def prepare(prompts, settings: Settings, run_id: str | None = None, images_per_p
     if isinstance(prompts, str | os.PathLike):
         entries, errors = read_prompt_file(prompts, defaults, limits, images_per_prompt, skip_invalid, check)
     else:
-        records = [(n, {"prompt": p} if isinstance(p, str) else p) for n, p in enumerate(prompts, start=1)]
+        if not isinstance(prompts, list | tuple):
+            raise RunError(f"prompts: a {type(prompts).__name__}; accepted: a prompt file path, or a list of "
+                           "prompt strings and/or dicts with the .jsonl fields")
+        records = [(n, _record(p)) for n, p in enumerate(prompts, start=1)]
         entries, errors = check_records(records, "prompts", defaults, limits, images_per_prompt, skip_invalid,
                                         check)
-    jobs = expand(entries, base_seed)
+    jobs = expand(entries, base_seed, settings.model.name)
     header = {"created": time.time(), "base_seed": base_seed, "jobs": len(jobs),
               "source": os.fspath(prompts) if isinstance(prompts, str | os.PathLike) else "python",
               "model": settings.model.checkpoint, "precision": settings.model.precision,
-              "micro_batch": settings.sampling.micro_batch, "enqueued_by": platform.node()}
+              "micro_batch": settings.sampling.micro_batch, "priority": priority,
+              "enqueued_by": platform.node(), **({"notify": notify} if notify else {})}
     return run_id, jobs, errors, header
 
 
+def _record(prompt: object) -> dict | str:
+    """A list item as check_records takes it: a record, or the text of why it is none."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if isinstance(prompt, dict):
+        return prompt
+    return (f"{shown(prompt)} is a {type(prompt).__name__}; accepted: a prompt string, or a dict with the "
+            ".jsonl fields")
+
+
 def adapter_check(settings: Settings):
-    """check_entry for the prompt readers: every LoRA a line names (its `loras` field, its <lora:> tags) and
-    its `vae` must be in the adapter locations, which are listed once, on the first line that names one."""
+    """check_entry for the prompt readers: a line's `model` must be one of the fleet's (config models:), and
+    every LoRA it names (its `loras` field, its <lora:> tags) and its `vae` must be in the adapter locations,
+    which are listed once, on the first line that names one."""
     from worker.adapters import Adapters, loras_named
 
     adapters = None
 
     def check(entry) -> None:
         nonlocal adapters
+        if entry.model is not None and entry.model not in settings.models:
+            raise InvalidField("model", f"{entry.model!r} is not a model of this fleet",
+                               f"{', '.join(settings.models)} (model.name and the config's models:)")
         wanted = [("loras", "LoRA", name) for name in loras_named(entry.prompt, entry.generation.loras)]
         if entry.generation.vae is not None:
             wanted.append(("vaes", "VAE", entry.generation.vae))
@@ -104,14 +130,18 @@ def adapter_check(settings: Settings):
 
 
 def enqueue(prompts, config, run_id: str | None = None, images_per_prompt: int = 1, seed: int | None = None,
-            skip_invalid: bool = False) -> str:
+            skip_invalid: bool = False, priority: str = "normal", notify: str | None = None) -> str:
     """Validate every prompt, then store the run record and enqueue its micro-batches. Returns the run id.
 
     `prompts`: a prompt-file path (.txt / .jsonl / .csv) or a list of prompt strings and/or dicts with the
-    .jsonl fields. Raises PromptFileError (every bad line) or RunError.
+    .jsonl fields. `priority`: "high" | "normal" | "low" (messages.PRIORITIES): a worker takes a queued
+    batch of a higher-priority run before any of a lower one. `notify`: an http(s) URL that gets one POST
+    of the run's summary each time it finishes (worker.finish). Raises PromptFileError (every bad line) or
+    RunError.
     """
     settings = _settings(config)
-    run_id, jobs, _, header = prepare(prompts, settings, run_id, images_per_prompt, seed, skip_invalid)
+    run_id, jobs, _, header = prepare(prompts, settings, run_id, images_per_prompt, seed, skip_invalid,
+                                      priority, notify)
     enqueue_prepared(settings, run_id, jobs, header)
     return run_id
 
@@ -119,34 +149,51 @@ def enqueue(prompts, config, run_id: str | None = None, images_per_prompt: int =
 def enqueue_prepared(settings: Settings, run_id: str, jobs: list[Job], header: dict) -> None:
     store = open_storage(settings.storage)
     record_key = f"{run_id}/run.jsonl"
-    if store.exists(record_key):
+    # one conditional write both checks and claims the run id: of concurrent enqueues of one id, one wins
+    if not store.create(record_key, run_record(run_id, header, jobs), "application/x-ndjson"):
         raise RunError(f"run {run_id} already exists at {store.location(record_key)}; "
                        f"accepted: a new --run-id, or `sdbatch resume {run_id}` to finish it")
-    store.put(record_key, run_record(run_id, header, jobs), "application/x-ndjson")
     try:
         progress.RunProgress(progress.connect(settings.broker.url), run_id).begin(len(jobs))
-        send(settings, run_id, jobs)
+        send(settings, run_id, jobs, header["priority"])
     except BROKER_ERRORS as error:
         raise BrokerUnavailable(
             f"broker {redact_url(settings.broker.url)} unavailable ({error}); run {run_id} is recorded at "
             f"{store.location(record_key)}: once the broker answers, `sdbatch resume {run_id} --config "
             f"{settings.path}` enqueues it") from None
+    except ValueError as error:  # the broker settings (redis-py, kombu) refused: name the recorded run
+        raise RunError(f"broker {redact_url(settings.broker.url)}: {error}; run {run_id} is recorded at "
+                       f"{store.location(record_key)}: with the broker settings fixed, `sdbatch resume "
+                       f"{run_id} --config {settings.path}` enqueues it") from None
 
 
-def send(settings: Settings, run_id: str, jobs: list[Job]) -> int:
+def send(settings: Settings, run_id: str, jobs: list[Job], priority: str = "normal") -> int:
     """Publish the micro-batches of `jobs` over one producer connection; returns the number of messages."""
     batches = micro_batches(jobs, settings.sampling.micro_batch)
+    sha256 = {name: route.sha256 for name, route in settings.models.items()}
+    return publish(settings, priority, (to_message(run_id, batch, sha256.get(batch[0].model))
+                                        for batch in batches))
+
+
+def publish(settings: Settings, priority: str, messages) -> int:
+    """Publish task messages (worker.messages.to_message's) at the run's priority; returns how many."""
     app = make_app(settings)
+    count = 0
     with app.producer_or_acquire() as producer:
-        for batch in batches:
-            soft, hard = time_limits(batch[0].request.generation, len(batch), settings.limits)
+        for message in messages:
+            run_id, jobs = message["run_id"], message["jobs"]
+            soft, hard = time_limits(Generation(**message["generation"]), len(jobs), settings.limits)
             # A short argsrepr (what Flower and the task-sent event show) instead of Celery's saferepr of the
             # whole message: that repr took ~20 % of an enqueue and made every message twice its size.
-            summary = f"[run {run_id}: {len(batch)} jobs, {batch[0].job_id}..{batch[-1].job_id}]"
-            app.send_task(TASK_NAME, args=[to_message(run_id, batch)], queue=settings.broker.queue,
-                          soft_time_limit=soft, time_limit=hard, producer=producer,
+            summary = f"[run {run_id}: {len(jobs)} jobs, {jobs[0]['job_id']}..{jobs[-1]['job_id']}]"
+            # each model's workers consume its queue (config models:); a message without one: broker.queue
+            model = (message.get("model") or {}).get("name")
+            queue = settings.models[model].queue if model in settings.models else settings.broker.queue
+            app.send_task(TASK_NAME, args=[message], queue=queue, producer=producer,
+                          priority=PRIORITIES[priority], soft_time_limit=soft, time_limit=hard,
                           argsrepr=summary, kwargsrepr="{}")
-    return len(batches)
+            count += 1
+    return count
 
 
 def load_run(settings: Settings, run_id: str) -> tuple[dict, list[Job]]:
@@ -155,8 +202,9 @@ def load_run(settings: Settings, run_id: str) -> tuple[dict, list[Job]]:
     except InvalidField as error:
         raise RunError(str(error)) from None
     store = open_storage(settings.storage)
+    key = f"{run_id}/run.jsonl"
     try:
-        return read_run_record(store.get(f"{run_id}/run.jsonl"))
+        return read_run_record(store.get(key), store.location(key))
     except KeyError:
         raise RunError(f"run {run_id}: no run record at {store.location(f'{run_id}/run.jsonl')}; "
                        "accepted: the id `sdbatch enqueue` printed, with the same storage settings") from None
@@ -165,21 +213,25 @@ def load_run(settings: Settings, run_id: str) -> tuple[dict, list[Job]]:
 def retry(config, run_id: str) -> int:
     """Re-enqueue the run's failed jobs; returns how many."""
     settings = _settings(config)
-    _, jobs = load_run(settings, run_id)
+    header, jobs = load_run(settings, run_id)
     counters = progress.RunProgress(progress.connect(settings.broker.url), run_id)
+    if counters.state() == "cancelled":
+        raise RunError(f"run {run_id} is cancelled; accepted: `sdbatch resume {run_id}`, which makes it "
+                       "active again and enqueues every job without an image")
     failed = counters.failures()
     again = [job for job in jobs if job.job_id in failed]
     counters.forget_failures([job.job_id for job in again])
     if again:
-        send(settings, run_id, again)
+        send(settings, run_id, again, header.get("priority", "normal"))
     return len(again)
 
 
 def resume(config, run_id: str) -> int:
     """Re-enqueue every job of the run whose image or metadata is missing from storage (works after a total
-    loss of Redis: the counters are rebuilt from storage); returns how many."""
+    loss of Redis: the counters are rebuilt from storage; a cancelled run becomes active again); returns how
+    many."""
     settings = _settings(config)
-    _, jobs = load_run(settings, run_id)
+    header, jobs = load_run(settings, run_id)
     store = open_storage(settings.storage)
     images, metas = set(store.list(f"{run_id}/images")), set(store.list(f"{run_id}/meta"))
     missing = [job for job in jobs if f"{run_id}/images/{job.job_id}.png" not in images
@@ -189,9 +241,92 @@ def resume(config, run_id: str) -> int:
     counters.begin(len(jobs), done=[job.job_id for job in jobs if job.job_id not in missing_ids],
                    pending=sorted(missing_ids))
     if missing:
-        send(settings, run_id, missing)
+        send(settings, run_id, missing, header.get("priority", "normal"))
     return len(missing)
 
 
-__all__ = ["enqueue", "enqueue_prepared", "retry", "resume", "prepare", "send", "load_run", "RunError",
-           "BrokerUnavailable", "BROKER_ERRORS", "PromptFileError"]
+def cancel(config, run_id: str) -> int:
+    """Cancel a run: workers drop its queued batches without running them (their jobs end cancelled), the
+    batches in flight finish, other runs are not touched. Returns the jobs of a paused run's held batches,
+    cancelled here."""
+    settings = _settings(config)
+    counters = _counters(settings, run_id)
+    held = [json.loads(message) for message in counters.cancel()]
+    job_ids = [job["job_id"] for message in held for job in message["jobs"]]
+    counters.cancelled(job_ids)
+    finish_if_done(make_app(settings), settings, counters)  # these may have been the run's last jobs
+    return len(job_ids)
+
+
+def pause(config, run_id: str) -> None:
+    """Pause a run: workers set its batches aside as they reach them (other runs' batches go on), until
+    `unpause`; the batches in flight finish."""
+    _counters(_settings(config), run_id).pause()
+
+
+def unpause(config, run_id: str) -> int:
+    """Make a paused run active again: its set-aside batches are enqueued again, at the run's priority.
+    Returns how many batches."""
+    settings = _settings(config)
+    header, _ = load_run(settings, run_id)
+    held = [json.loads(message) for message in _counters(settings, run_id).unpause()]
+    return publish(settings, header.get("priority", "normal"), held)  # as the worker took them
+
+
+def check_hook_url(url: object) -> str:
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2000:
+        raise InvalidField("--notify", f"{shown(url)} is not an http(s) URL",
+                           "http://HOST[:PORT]/PATH or https://..., the receiver of the run's finish")
+    if parts.username or parts.password:
+        raise InvalidField("--notify", "holds credentials, which the run record would keep in storage",
+                           "a URL without user:password (the POST is signed with $SDBATCH_HOOK_SECRET)")
+    return url
+
+
+def _counters(settings: Settings, run_id: str) -> progress.RunProgress:
+    try:
+        check_run_id(run_id)
+    except InvalidField as error:
+        raise RunError(str(error)) from None
+    counters = progress.RunProgress(progress.connect(settings.broker.url), run_id)
+    if not counters.exists():
+        raise RunError(f"run {run_id} has no counters on {redact_url(settings.broker.url)}; accepted: a run "
+                       f"id that `sdbatch enqueue` printed (after losing Redis: `sdbatch resume {run_id}`)")
+    return counters
+
+
+def gallery(config, run_id: str, warn=None) -> str:
+    """Write the run's gallery page (`{run_id}/index.html`, worker.gallery) into its storage; returns where
+    it is. Failed and cancelled jobs come from Redis; when Redis does not answer (after its ~40 s of
+    retries) or holds no counters for the run, the page is written from storage alone (jobs without an
+    image show "no image") and `warn(text)` (default warnings.warn) says why."""
+    import warnings
+
+    from worker.gallery import build_gallery
+
+    settings = _settings(config)
+    try:
+        check_run_id(run_id)
+    except InvalidField as error:
+        raise RunError(str(error)) from None
+    failures, cancelled, problem = None, frozenset(), None
+    try:
+        counters = progress.RunProgress(progress.connect(settings.broker.url), run_id)
+        if counters.exists():
+            failures = counters.failures()
+            cancelled = {member.decode() for member in counters.client.smembers(counters.cancelled_key)}
+        else:
+            problem = f"run {run_id} has no counters on {redact_url(settings.broker.url)}"
+    except BROKER_ERRORS as error:
+        problem = f"broker {redact_url(settings.broker.url)} unavailable ({error})"
+    store = open_storage(settings.storage)
+    key = build_gallery(store, run_id, failures, cancelled)
+    if problem:  # said once the page is written: a run without a record is an error, not a warning
+        (warn or warnings.warn)(f"{problem}: failure reasons unknown, the page shows what storage holds")
+    return store.location(key)
+
+
+__all__ = ["enqueue", "enqueue_prepared", "retry", "resume", "cancel", "pause", "unpause", "prepare", "send",
+           "publish", "load_run", "gallery", "RunError", "BrokerUnavailable", "BROKER_ERRORS",
+           "PromptFileError"]

@@ -10,6 +10,7 @@ any other StorageError is permanent (missing bucket, access denied).
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -33,6 +34,9 @@ class StorageUnavailable(StorageError):
 
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+    # put unless the key exists, as one atomic step: False (nothing written) when it did
+    def create(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool: ...
 
     def get(self, key: str) -> bytes: ...  # KeyError when absent
 
@@ -67,6 +71,26 @@ class LocalStorage:
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         path = self.root / check_key(key)
+        with _local_errors("put", path):
+            temp = self._write_temp(path, data)
+            try:
+                os.replace(temp, path)
+            finally:
+                temp.unlink(missing_ok=True)
+
+    def create(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+        path = self.root / check_key(key)
+        with _local_errors("create", path):
+            temp = self._write_temp(path, data)
+            try:
+                os.link(temp, path)  # atomic, and refused when the name exists, unlike os.replace
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                temp.unlink(missing_ok=True)
+
+    def _write_temp(self, path: Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         # unique temp name in the same directory: concurrent writers of one key never share a temp file, and
         # os.replace within a filesystem is atomic, so a reader sees the old file or the new one, never half
@@ -76,29 +100,54 @@ class LocalStorage:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(temp, path)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+        return temp
 
     def get(self, key: str) -> bytes:
-        try:
-            return (self.root / check_key(key)).read_bytes()
-        except FileNotFoundError:
-            raise KeyError(key) from None
+        path = self.root / check_key(key)
+        with _local_errors("get", path):
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                raise KeyError(key) from None
 
     def exists(self, key: str) -> bool:
-        return (self.root / check_key(key)).is_file()
+        path = self.root / check_key(key)
+        with _local_errors("check", path):
+            return path.is_file()
 
     def list(self, prefix: str) -> list[str]:
         base = self.root / check_key(prefix.rstrip("/"))
-        if not base.is_dir():
-            return []
-        return sorted(path.relative_to(self.root).as_posix() for path in base.rglob("*")
-                      if path.is_file() and not path.name.startswith("."))
+        with _local_errors("list", base):
+            if not base.is_dir():
+                return []
+            return sorted(path.relative_to(self.root).as_posix() for path in base.rglob("*")
+                          if path.is_file() and not path.name.startswith("."))
 
     def location(self, key: str) -> str:
         return str(self.root / key)
+
+
+class _local_errors:
+    """OSError of the local store -> StorageError naming the path (a read-only folder, a file where a folder
+    should be, ...), or StorageUnavailable for a full disk: freeing space fixes that, not a config change."""
+
+    def __init__(self, action: str, path: Path):
+        self.action, self.path = action, path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if not isinstance(error, OSError):
+            return False
+        problem = error.strerror or str(error)
+        where = f" ({error.filename})" if error.filename and str(error.filename) != str(self.path) else ""
+        kind = StorageUnavailable if error.errno in (errno.ENOSPC, errno.EDQUOT) else StorageError
+        raise kind(f"{self.action} {self.path}: {problem}{where}; accepted: a folder this process can read "
+                   "and write") from None
 
 
 class S3Storage:
@@ -132,6 +181,17 @@ class S3Storage:
                 self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key),
                                            ExtraArgs={"ContentType": content_type}, Config=self.transfer)
 
+    def create(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+        # one PUT whatever the size (S3 takes up to 5 GB in one): a conditional multipart upload is not
+        # something every S3-compatible store implements
+        try:
+            with _translated_errors(f"create {self.location(key)}"):
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                       ContentType=content_type, IfNoneMatch="*")
+            return True
+        except _KeyExists:
+            return False
+
     def get(self, key: str) -> bytes:
         with _translated_errors(f"get {self.location(key)}", missing_is_keyerror=key):
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
@@ -158,6 +218,17 @@ class S3Storage:
         return f"s3://{self.bucket}/{self._key(key)}"
 
 
+class _KeyExists(Exception):
+    """A conditional create found the key taken (412 Precondition Failed)."""
+
+
+# Credentials the store refuses: a configuration error, not an outage to wait out
+REFUSED_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
+                       "ExpiredToken", "AuthorizationHeaderMalformed")
+CREDENTIALS_ACCEPTED = ("S3 credentials in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile, "
+                        "AWS_PROFILE) that the store accepts")
+
+
 class _translated_errors:
     """botocore's exceptions -> KeyError (absent object), StorageUnavailable (transient), StorageError."""
 
@@ -168,15 +239,28 @@ class _translated_errors:
         return self
 
     def __exit__(self, kind, error, traceback):
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
 
         if error is None:
             return False
+        if isinstance(error, NoCredentialsError | PartialCredentialsError):
+            raise StorageError(f"{self.action}: no S3 credentials ({error}); accepted: "
+                               f"{CREDENTIALS_ACCEPTED}") from None
         if isinstance(error, ClientError):
             code = error.response.get("Error", {}).get("Code", "")
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if self.missing is not None and (status == 404 or code in ("NoSuchKey", "404", "NotFound")):
                 raise KeyError(self.missing) from None
+            if status == 412 or code == "PreconditionFailed":
+                raise _KeyExists() from None
+            if code in REFUSED_CREDENTIALS or status == 403:
+                raise StorageError(f"{self.action}: the store refused the credentials ({code or status}); "
+                                   f"accepted: {CREDENTIALS_ACCEPTED}") from None
             transient = status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout")
             kind = StorageUnavailable if transient else StorageError
             raise kind(f"{self.action}: {code or status} ({error})") from None

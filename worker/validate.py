@@ -33,6 +33,8 @@ class Limits:
     max_prompt_chars: int = 2000
     max_images_per_prompt: int = 16
     max_jobs_per_run: int = 1_000_000
+    # A prompt file is read whole into memory before it is checked: this bounds what one file may cost.
+    max_prompt_file_bytes: int = 256 * 1024 * 1024
     # Seconds one 512x512 image-step (CFG included) takes on the deployment's hardware: the per-micro-batch
     # time limits are derived from it (worker.messages.time_limits).
     step_seconds: float = 0.05
