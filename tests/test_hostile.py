@@ -23,6 +23,7 @@ from sdcore.cli import main as sdcore_main
 from sdcore.params import Generation
 from sdcore.png import png_bytes, read_settings
 from tests.fixtures_servers import WorkerProcesses, _claim_shared_db, sdbatch_env, wait_for
+from tests.test_worker_run import Recorder
 from worker import cli, client, progress
 from worker.app import make_app
 from worker.config import ConfigError, load_config, redact_url
@@ -480,25 +481,12 @@ def test_an_output_folder_replaced_by_a_file_mid_run_fails_each_job_with_its_rea
     store.put(f"{run_id}/images/0000000-000.png", b"earlier")
     (tmp_path / "out" / run_id / "images").rename(tmp_path / "moved")
     (tmp_path / "out" / run_id / "images").write_text("not a folder any more")
-    failures, done = {}, []
-
-    class Recorder:
-        def started(self):
-            pass
-
-        def state(self):
-            return "active"
-
-        def done(self, job_id, image_sha256=None):
-            done.append(job_id)
-
-        def failed(self, job_id, reason):
-            failures[job_id] = reason
-
+    recorder = Recorder()
     runner = BatchRunner(load_pipeline(settings.model), store, "test")
-    process(to_message(run_id, jobs), runner, settings.limits, lambda _: Recorder())
+    process(to_message(run_id, jobs), runner, settings.limits, lambda _: recorder)
+    failures = recorder.failures
 
-    assert done == [] and sorted(failures) == ["0000001-000", "0000002-000"]
+    assert recorder.finished == [] and sorted(failures) == ["0000001-000", "0000002-000"]
     assert all(reason.startswith(f"storage: put {tmp_path / 'out' / run_id / 'images'}") for reason in
                failures.values())
 

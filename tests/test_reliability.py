@@ -22,6 +22,7 @@ from kombu.transport import redis as kombu_redis
 from PIL import Image
 
 from tests.fixtures_servers import sdbatch_env, wait_for
+from tests.test_worker_run import Recorder
 from worker import cli, client, progress
 from worker.app import RedisTransport, make_app
 from worker.batch import NON_FINITE, BatchRunner, load_pipeline, process
@@ -122,33 +123,20 @@ def test_a_job_whose_image_comes_out_nan_fails_alone_and_its_neighbours_are_stor
     token = pipe.tokenizer.encode("zebra")[0]
     with torch.no_grad():
         pipe.text_encoder.embeddings.token_embedding.weight[token] = float("nan")
-    store, failures, done = LocalStorage(tmp_path), {}, []
+    store, recorder = LocalStorage(tmp_path), Recorder()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 threads on 2 shared cores: seconds, not a fraction of one (fixtures_servers)
-
-    class Recorder:
-        def started(self):
-            pass
-
-        def state(self):
-            return "active"
-
-        def done(self, job_id, image_sha256=None):
-            done.append(job_id)
-
-        def failed(self, job_id, reason):
-            failures[job_id] = reason
 
     _, made, _, _ = client.prepare(["a red fox", "a zebra", "a blue bird"], settings)
     try:
         process(to_message("nan-run", made), BatchRunner(pipe, store, "test"), settings.limits,
-                lambda _: Recorder())
+                lambda _: recorder)
     finally:
         torch.set_num_threads(threads)
 
-    assert failures == {"0000002-000": NON_FINITE}
-    assert done == ["0000001-000", "0000003-000"]
-    assert store.list("nan-run/images") == [f"nan-run/images/{job}.png" for job in done]
+    assert recorder.failures == {"0000002-000": NON_FINITE}
+    assert recorder.finished == ["0000001-000", "0000003-000"]
+    assert store.list("nan-run/images") == [f"nan-run/images/{job}.png" for job in recorder.finished]
 
 
 @pytest.mark.integration
