@@ -221,10 +221,13 @@ def check_device(text: str | None) -> str:
     import torch
 
     try:
-        torch.device(text)
+        device = torch.device(text)
     except (RuntimeError, ValueError):
         raise ValueError(f"--device: {text!r:.40} is not a device; accepted: auto, cpu, cuda, "
                          "cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: torch sees no CUDA GPU (torch {torch.__version__}); accepted: "
+                         "--device cpu or auto, or a CUDA build of torch on a GPU machine")
     return text
 
 

@@ -84,8 +84,8 @@ def test_img2img_from_the_command_line_and_back(made, tmp_path, capsys):
     (["x", "--checkpoint", "tiny-random", "--seed", "-1"], "seed: -1 is out of range"),
     (["x", "--checkpoint", "tiny-random", "--strength", "0.5"], "--strength applies to img2img only"),
     (["x"], "--checkpoint is required"),
-    *([(["x", "--checkpoint", "tiny-random", "--device", "cuda"], "device 'cuda' is not available")]
-      if not torch.cuda.is_available() else []),
+    *([(["x", "--checkpoint", "tiny-random", "--device", "cuda"],
+        "--device cuda: torch sees no CUDA GPU (torch")] if not torch.cuda.is_available() else []),
     (["--checkpoint", "tiny-random"], "needs a PROMPT argument or --from-png"),
     (["x", "--checkpoint", "no-such-model.safetensors"], "no-such-model.safetensors"),
     (["--from-png", "no-such-image.png"], "no-such-image.png"),
@@ -97,6 +97,12 @@ def test_user_errors_are_one_line_and_status_1(tmp_path, capsys, arguments, mess
     err = capsys.readouterr().err
     assert err.startswith("sdcore generate: error: ") and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_convert_of_tiny_random_says_there_is_nothing_to_convert(tmp_path, capsys):
+    assert sdcore_cli("convert", "tiny-random", tmp_path / "x.safetensors") == 1
+    assert "tiny-random has no weights file to convert" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_from_png_of_a_real_model_needs_its_checkpoint(made, tmp_path, capsys):

@@ -190,3 +190,17 @@ def test_sdbatch_config_in_the_environment_stands_in_for_config_on_every_command
 
     assert main(["status", "no-such-run"]) == 3
     assert "run no-such-run has no counters on redis://127.0.0.1:6379/15" in capsys.readouterr().err
+
+
+def test_help_lists_the_exit_codes_and_every_sdbatch_variable_the_code_reads(capsys):
+    import re
+
+    from worker.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out
+    read = set(re.findall(r"SDBATCH_[A-Z0-9_]*[A-Z0-9]", "".join(
+        path.read_text() for path in (REPO / "worker").glob("*.py"))))
+    assert read and {name for name in read if name not in shown} == set()
+    assert all(f"{code} " in shown for code in range(5))

@@ -5,9 +5,7 @@
     sdbatch worker --config configs/sd15-fp16.yaml --devices all         # one Celery worker per GPU
     sdbatch status RUN_ID --config configs/sd15-fp16.yaml --wait         # 0 all done, 2 some failed
 
-Exit codes: 0 success; 1 still pending (status without --wait); 2 some jobs failed; 3 bad input or config
-(missing or refused S3 credentials included); 4 Redis or the store unavailable (after retries; nothing
-half-done is lost: `resume` finishes an enqueue).
+Exit codes and environment variables: EPILOG (what `sdbatch --help` prints).
 
 Worker node names are unique per host: `cpu@host` and `gpuN@host` for the first supervisor, `cpu-2@host` ...
 for further ones on the same host (Celery and Flower need unique names), or `--name NAME` (env
@@ -32,6 +30,14 @@ from worker.config import ConfigError, Settings, load_config, redact_url
 from worker.validate import check_run_id
 
 EXIT_OK, EXIT_PENDING, EXIT_FAILED, EXIT_INPUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
+EPILOG = """\
+exit codes: 0 success; 1 still pending (status without --wait); 2 some jobs failed; 3 bad input or config
+  (missing or refused S3 credentials included); 4 Redis or the store unavailable (after retries; nothing
+  half-done is lost: `resume` finishes an enqueue)
+environment: SDBATCH_CONFIG (the config when --config is left out), SDBATCH_BROKER_URL (with the Redis
+  password), SDBATCH_STORAGE_URL, SDBATCH_S3_ENDPOINT_URL, SDBATCH_NODE_NAME (worker --name),
+  SDBATCH_METRICS_PORT (workers' Prometheus port base, 0: none), SDBATCH_HOOK_SECRET (workers: signs the
+  --notify POST); S3 credentials only from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE"""
 NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -40,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     config = os.environ.get("SDBATCH_CONFIG")
     config_option = {"default": config} if config else {"required": True}
     config_option["help"] = "the YAML config (default: $SDBATCH_CONFIG)"
-    parser = argparse.ArgumentParser(prog="sdbatch", description="Batch image generation with sdcore.")
+    parser = argparse.ArgumentParser(prog="sdbatch", description="Batch image generation with sdcore.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="generate a prompt file in this process into a local folder")

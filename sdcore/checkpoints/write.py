@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from .layout import original_to_diffusers
-from .read import PREFIXES, read_original_layout, select_weights
+from .read import PREFIXES, TINY_RANDOM, read_original_layout, select_weights
 
 
 def convert_checkpoint(src, dst, half=False, layout="original", ema="auto") -> Path:
@@ -22,6 +22,9 @@ def convert_checkpoint(src, dst, half=False, layout="original", ema="auto") -> P
     """
     if layout not in ("original", "diffusers"):
         raise ValueError(f"layout={layout!r} is not accepted; use 'original' or 'diffusers'")
+    if str(src) == TINY_RANDOM:
+        raise ValueError("tiny-random has no weights file to convert: it is made from fixed seeds at load; "
+                         "accepted: a .ckpt / .safetensors file or a diffusers folder")
     src, dst = Path(src), Path(dst)
     _check_destination(dst, layout)  # before the source is read: that takes a while for a 4 GB file
     weights, _, _ = read_original_layout(src)
