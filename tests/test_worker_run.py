@@ -168,6 +168,21 @@ def test_process_rejects_a_malformed_message_before_touching_anything(pipe, tmp_
     assert store.list("r") == []
 
 
+def test_a_batch_of_a_run_in_another_store_fails_naming_both_and_writes_nothing(pipe, tmp_path):
+    store, limits = LocalStorage(tmp_path / "mine"), load_config(REPO / "configs" / "demo.yaml").limits
+    elsewhere, here = Recorder(), Recorder()
+
+    process(to_message("r", jobs_of([1]), storage="s3://their-bucket/runs"), BatchRunner(pipe, store, "h"),
+            limits, lambda _: elsewhere)
+    process(to_message("r", jobs_of([2]), storage=store.identity), BatchRunner(pipe, store, "h"), limits,
+            lambda _: here)
+
+    assert elsewhere.failures == {"0000001-000": (
+        f"the run lives in s3://their-bucket/runs, this worker writes to file://{tmp_path / 'mine'}; "
+        "accepted: workers whose storage (storage.url, SDBATCH_STORAGE_URL) is the run's")}
+    assert here.finished == ["0000001-000"] and store.list("r/images") == ["r/images/0000001-000.png"]
+
+
 def test_model_winograd_reaches_the_pipeline_and_the_metadata(tmp_path):
     from worker.config import ModelSettings
 

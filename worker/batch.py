@@ -216,6 +216,16 @@ def wrong_model(message: dict, runner: BatchRunner) -> str | None:
     return None
 
 
+def wrong_store(message: dict, runner: BatchRunner) -> str | None:
+    """Why this runner must not write the message's images: its run lives in another store (the enqueuing
+    config's), which this worker would fill with orphans while the run record waits elsewhere."""
+    wanted = message.get("storage")
+    if wanted is None or wanted == runner.store.identity:
+        return None
+    return (f"the run lives in {wanted}, this worker writes to {runner.store.identity}; accepted: workers "
+            "whose storage (storage.url, SDBATCH_STORAGE_URL) is the run's")
+
+
 def process(message: object, runner: BatchRunner, limits: Limits, recorder_for) -> str:
     """The task body: check the message, record its unusable jobs as failed, run the rest, unless the run is
     cancelled (its jobs are recorded as cancelled, the model never runs) or paused (the message is held for
@@ -230,7 +240,7 @@ def process(message: object, runner: BatchRunner, limits: Limits, recorder_for) 
             recorder.failed(job_id, reason)
     if not jobs:
         return run_id
-    wrong = wrong_model(message, runner)
+    wrong = wrong_model(message, runner) or wrong_store(message, runner)
     if wrong:
         log.error("run %s: %s", run_id, wrong)
         for job in jobs:

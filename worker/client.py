@@ -171,7 +171,8 @@ def send(settings: Settings, run_id: str, jobs: list[Job], priority: str = "norm
     """Publish the micro-batches of `jobs` over one producer connection; returns the number of messages."""
     batches = micro_batches(jobs, settings.sampling.micro_batch)
     sha256 = {name: route.sha256 for name, route in settings.models.items()}
-    return publish(settings, priority, (to_message(run_id, batch, sha256.get(batch[0].model))
+    storage = open_storage(settings.storage).identity
+    return publish(settings, priority, (to_message(run_id, batch, sha256.get(batch[0].model), storage)
                                         for batch in batches))
 
 

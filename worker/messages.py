@@ -4,6 +4,7 @@ with. Torch- and Celery-free.
 
     {"version": 1, "run_id": RUN_ID,
      "model": {"name": NAME, "sha256": HEX | null},  # which model renders it (absent: any, as before)
+     "storage": IDENTITY,  # where the run lives (worker.storage's `identity`; absent: the worker's store)
      "generation": {each of worker.validate.GENERATION_FIELDS: value},  # what the micro-batch shares
      "jobs": [{"job_id", "index", "line", "image", "prompt", "negative_prompt", "seed"}, ...]}  # 1 to 256
 """
@@ -45,7 +46,8 @@ def queue_list(queue: str, priority: str = "normal") -> str:
 def queue_lists(queue: str) -> list[str]:
     return [queue_list(queue, priority) for priority in PRIORITIES]
 JOB_FIELDS = ("job_id", "index", "line", "image", "prompt", "negative_prompt", "seed")
-ENVELOPE = ("version", "run_id", "generation", "jobs")  # and "model", optional
+ENVELOPE = ("version", "run_id", "generation", "jobs")
+OPTIONAL_ENVELOPE = ("model", "storage")
 
 
 class MessageError(ValueError):
@@ -58,12 +60,15 @@ class MessageError(ValueError):
         self.run_id, self.job_ids = run_id, job_ids
 
 
-def to_message(run_id: str, batch: list[Job], model_sha256: str | None = None) -> dict:
+def to_message(run_id: str, batch: list[Job], model_sha256: str | None = None,
+               storage: str | None = None) -> dict:
     """The JSON task message for one micro-batch (all jobs share the batch's model and generation
-    settings); `model_sha256` is the model's weights' when the fleet's config knows it."""
+    settings); `model_sha256` is the model's weights' when the fleet's config knows it, `storage` the
+    identity of the store the run lives in (decided at enqueue: workers write there or refuse)."""
     generation = batch[0].request.generation
     model = {"model": {"name": batch[0].model, "sha256": model_sha256}} if batch[0].model else {}
-    return {"version": MESSAGE_VERSION, "run_id": run_id, **model,
+    where = {"storage": storage} if storage else {}
+    return {"version": MESSAGE_VERSION, "run_id": run_id, **model, **where,
             "generation": {name: getattr(generation, name) for name in GENERATION_FIELDS},
             "jobs": [_job_to_message(job) for job in batch]}
 
@@ -89,9 +94,10 @@ def from_message(message: object, limits: Limits) -> tuple[str, list[Job], list[
     if message.get("version") != MESSAGE_VERSION:
         raise MessageError(f"version {shown(message.get('version'))} is not supported; "
                            f"accepted: {MESSAGE_VERSION}", run_id, job_ids)
-    if sorted(map(str, message)) not in (sorted(ENVELOPE), sorted((*ENVELOPE, "model"))):
+    keys = set(map(str, message))
+    if not set(ENVELOPE) <= keys <= {*ENVELOPE, *OPTIONAL_ENVELOPE} or len(keys) != len(message):
         raise MessageError(f"message keys {shown(sorted(map(str, message)), 200)}; accepted: version, "
-                           "run_id, generation, jobs and model (optional)", run_id, job_ids)
+                           "run_id, generation, jobs, and model and storage (optional)", run_id, job_ids)
     try:
         run_id = check_run_id(message["run_id"])
         model = message.get("model")
@@ -104,6 +110,10 @@ def from_message(message: object, limits: Limits) -> tuple[str, list[Job], list[
                                                 or not SHA256_PATTERN.fullmatch(model["sha256"])):
                 raise InvalidField("model.sha256", f"{shown(model['sha256'])} is not a SHA-256",
                                    "64 lowercase hex digits, or null")
+        storage = message.get("storage", "")
+        if not isinstance(storage, str) or len(storage) > 2000:
+            raise InvalidField("storage", f"{shown(message['storage'])} is not a store's identity",
+                               "s3://BUCKET/PREFIX [at ENDPOINT] or file:///DIR")
         generation = message["generation"]
         if not isinstance(generation, dict) or set(generation) != set(GENERATION_FIELDS):
             raise InvalidField("generation", "does not hold exactly the generation settings",

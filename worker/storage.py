@@ -46,6 +46,9 @@ class Storage(Protocol):
 
     def location(self, key: str) -> str: ...  # where a person finds it (URL or path)
 
+    @property
+    def identity(self) -> str: ...  # which store this is, whoever opens it: what a run's messages carry
+
 
 def check_key(key: str) -> str:
     # segments may not start with "." either, which rules out "..", "." and the local store's temp files
@@ -128,6 +131,10 @@ class LocalStorage:
 
     def location(self, key: str) -> str:
         return str(self.root / key)
+
+    @property
+    def identity(self) -> str:
+        return f"file://{self.root.resolve()}"
 
 
 class _local_errors:
@@ -216,6 +223,11 @@ class S3Storage:
 
     def location(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+    @property
+    def identity(self) -> str:
+        # the endpoint tells two S3 services apart (config refuses credentials in it, so it prints safely)
+        return f"s3://{self.bucket}/{self.prefix}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
 
 
 class _KeyExists(Exception):
