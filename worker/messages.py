@@ -113,7 +113,7 @@ def from_message(message: object, limits: Limits) -> tuple[str, list[Job], list[
         storage = message.get("storage", "")
         if not isinstance(storage, str) or len(storage) > 2000:
             raise InvalidField("storage", f"{shown(message['storage'])} is not a store's identity",
-                               "s3://BUCKET/PREFIX [at ENDPOINT] or file:///DIR")
+                               "s3://BUCKET/PREFIX or file:///DIR")
         generation = message["generation"]
         if not isinstance(generation, dict) or set(generation) != set(GENERATION_FIELDS):
             raise InvalidField("generation", "does not hold exactly the generation settings",

@@ -226,8 +226,8 @@ class S3Storage:
 
     @property
     def identity(self) -> str:
-        # the endpoint tells two S3 services apart (config refuses credentials in it, so it prints safely)
-        return f"s3://{self.bucket}/{self.prefix}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
+        # not the endpoint: one service is often reached under two names (in-cluster and port-forwarded)
+        return f"s3://{self.bucket}/{self.prefix}"
 
 
 class _KeyExists(Exception):
