@@ -233,6 +233,19 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
     server.stop()
 
 
+def tiny_s3_config(path: Path, bucket: str, queue: str) -> Path:
+    """A worker config for tiny-random on the CPU, one 64x64 2-step job a batch (so "the batch in flight"
+    is one image), storage in `bucket` of the test S3."""
+    path.write_text(f"""\
+model: {{checkpoint: tiny-random, device: cpu}}
+sampling: {{sampler: ddim, steps: 2, width: 64, height: 64, micro_batch: 1}}
+broker: {{queue: {queue}}}
+storage: {{url: "s3://{bucket}/runs"}}
+limits: {{batch_time_limit: 60}}
+""")
+    return path
+
+
 @pytest.fixture
 def s3_bucket(s3_server: S3Server) -> str:
     """A fresh bucket on the running session S3 server."""

@@ -5,14 +5,13 @@ when the receiver is down at first, and again after `retry` finishes the run a s
 import hashlib
 import hmac
 import json
-import textwrap
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
 
-from tests.fixtures_servers import sdbatch_env, wait_for
+from tests.fixtures_servers import sdbatch_env, tiny_s3_config, wait_for
 from worker import client, progress
 from worker.config import load_config
 from worker.finish import EVENTS_STREAM, SIGNATURE_HEADER
@@ -60,14 +59,7 @@ class Receiver:
 def service(tmp_path, redis_url, s3_server, s3_bucket, monkeypatch):
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
-    config = tmp_path / "sdbatch.yaml"
-    config.write_text(textwrap.dedent(f"""\
-        model: {{checkpoint: tiny-random, device: cpu}}
-        sampling: {{sampler: ddim, steps: 2, width: 64, height: 64, micro_batch: 1}}
-        broker: {{queue: sdbatch-finish-test}}
-        storage: {{url: "s3://{s3_bucket}/runs"}}
-        limits: {{batch_time_limit: 60}}
-        """))
+    config = tiny_s3_config(tmp_path / "sdbatch.yaml", s3_bucket, "sdbatch-finish-test")
     env = sdbatch_env(config, redis_url, s3_server, SDBATCH_HOOK_SECRET=SECRET)
     receiver = Receiver(down_for=2)
     store = S3Storage(s3_bucket, "runs", s3_server.endpoint_url)

@@ -1,12 +1,11 @@
 """Run control on a shared queue, end to end on real Redis, SeaweedFS and `sdbatch worker` processes: cancel
 and pause/unpause act on one run and leave the others alone; a high-priority run overtakes a backlog."""
 
-import textwrap
 
 import pytest
 import redis
 
-from tests.fixtures_servers import sdbatch_env, wait_for
+from tests.fixtures_servers import sdbatch_env, tiny_s3_config, wait_for
 from worker import client, progress
 from worker.config import load_config
 from worker.messages import queue_lists
@@ -21,14 +20,7 @@ def service(tmp_path, redis_url, s3_server, s3_bucket, monkeypatch):
     """tiny-random, one job a batch (so "the batch in flight" is one image), storage in a fresh bucket."""
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
-    config = tmp_path / "sdbatch.yaml"
-    config.write_text(textwrap.dedent(f"""\
-        model: {{checkpoint: tiny-random, device: cpu}}
-        sampling: {{sampler: ddim, steps: 2, width: 64, height: 64, micro_batch: 1}}
-        broker: {{queue: sdbatch-control-test}}
-        storage: {{url: "s3://{s3_bucket}/runs"}}
-        limits: {{batch_time_limit: 60}}
-        """))
+    config = tiny_s3_config(tmp_path / "sdbatch.yaml", s3_bucket, "sdbatch-control-test")
     env = sdbatch_env(config, redis_url, s3_server)
     return config, env, load_config(config, environ=env), S3Storage(s3_bucket, "runs", s3_server.endpoint_url)
 
