@@ -1,14 +1,14 @@
 """sdcore on OpenVINO vs diffusers vs diffusers' U-Net on OpenVINO, CPU, full SD 1.5 dimensions (issue 16).
 
-    flock /tmp/sd-heavy.lock python -m bench.openvino [--sizes 256,512] [--repeat 3] [--full-image-size 256]
-        [--bf16] [--out bench-out/openvino.json]
+    flock /tmp/sd-heavy.lock python -m bench.openvino [--sizes 256,512] [--repeat 3]
+        [--full-image-sizes 256,512] [--bf16] [--out bench-out/openvino.json]
     flock /tmp/sd-heavy.lock python -m bench.openvino --start-up [--out bench-out/openvino-start.json]
 
 Measures, in one process, on the same random weights (sdcore's modules share the diffusers models' storage):
 - one U-Net step with CFG (batch 2) at each size: sdcore with backend "openvino", diffusers eager, and
   diffusers' UNet2DConditionModel converted the same way (openvino.convert_model, dynamic shapes, CPU f32):
   alternating rounds, medians, max abs difference to diffusers;
-- a full image (text encode + 20 DDPM steps + VAE decode): sdcore on OpenVINO vs diffusers' pipeline, and
+- a full image (text encode + 20 DDPM steps + VAE decode) at each size: sdcore on OpenVINO vs diffusers, and
   the two images' difference in uint8 levels; with --bf16 also sdcore on OpenVINO bf16 against fp32;
 - RSS after each phase.
 --start-up writes a full-size checkpoint file and times fresh processes from start to a first U-Net step:
@@ -253,7 +253,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="256", help="U-Net step image sizes, comma separated")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds per U-Net step size")
-    parser.add_argument("--full-image-size", type=int, default=256, help="0 skips the full image")
+    parser.add_argument("--full-image-sizes", default="256", help="full image sizes, comma separated; "
+                        "empty skips the full image")
     parser.add_argument("--bf16", action="store_true", help="also sdcore on OpenVINO bf16 (full image)")
     parser.add_argument("--start-up", action="store_true", help="start-up and memory-pressure runs only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -274,9 +275,9 @@ def main() -> None:
         unet_step(ours, theirs, raw, size, args.repeat, report)
     del raw
     gc.collect()
-    if args.full_image_size:
-        bf16 = sdcore_on_openvino(references, "bf16") if args.bf16 else None
-        full_image(ours, theirs, args.full_image_size, report, bf16)
+    bf16 = sdcore_on_openvino(references, "bf16") if args.bf16 else None
+    for size in (int(s) for s in args.full_image_sizes.split(",") if s):
+        full_image(ours, theirs, size, report, bf16)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from bench.service_fixtures import Service
 from sdcore.params import Generation, Request
 from sdcore.png import png_bytes
 from tests.fixtures_servers import console_script
+from worker.messages import queue_lists
 from worker.storage import open_storage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,7 +118,7 @@ def measure_enqueue(service: Service, report: Report, repeats: int, sampling: di
     prompt_file = service.root / "prompts-10k.txt"
     prompt_file.write_text("".join(f"{p}\n" for p in prompts_for(ENQUEUE_PROMPTS)))
     messages = -(-ENQUEUE_PROMPTS // sampling["micro_batch"])
-    queue = service.redis_client().llen
+    client = service.redis_client()
     walls = []
     for repeat in range(repeats):
         start = time.perf_counter()
@@ -127,7 +128,7 @@ def measure_enqueue(service: Service, report: Report, repeats: int, sampling: di
         walls.append(time.perf_counter() - start)
         if done.returncode != 0:
             raise RuntimeError(f"sdbatch enqueue exited {done.returncode}: {done.stderr[-2000:]}")
-        queued = queue(settings.broker.queue)
+        queued = sum(client.llen(name) for name in queue_lists(settings.broker.queue))
         if queued != messages * (repeat + 1):
             raise RuntimeError(f"expected {messages * (repeat + 1)} messages in {settings.broker.queue}, "
                                f"found {queued}")

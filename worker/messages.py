@@ -45,6 +45,8 @@ def queue_list(queue: str, priority: str = "normal") -> str:
 
 def queue_lists(queue: str) -> list[str]:
     return [queue_list(queue, priority) for priority in PRIORITIES]
+
+
 JOB_FIELDS = ("job_id", "index", "line", "image", "prompt", "negative_prompt", "seed")
 ENVELOPE = ("version", "run_id", "generation", "jobs")
 OPTIONAL_ENVELOPE = ("model", "storage")
