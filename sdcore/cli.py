@@ -19,9 +19,9 @@ from PIL import Image
 
 from sdcore.errors import InvalidField
 from sdcore.params import (
-    BACKENDS,
     CLIP_SKIP_RANGE,
     IMG2IMG_STRENGTH,
+    LOAD_BACKENDS,
     MAX_SIZE,
     MAX_STEPS,
     MIN_SIZE,
@@ -88,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     generate.add_argument("--winograd", action="store_true",
                           help="CPU fp32: run the U-Net's 3x3 convolutions as Winograd (faster, more memory)")
-    generate.add_argument("--backend", choices=BACKENDS,
+    generate.add_argument("--backend", choices=LOAD_BACKENDS,
                           help="openvino: the U-Net and VAE compiled for the CPU (--precision fp32 or bf16; "
-                               "pip install -e '.[openvino]')")
+                               "pip install -e '.[openvino]'); auto: openvino for fp32 on the CPU where it "
+                               "is installed, else torch (default torch, or what --from-png recorded)")
     generate.set_defaults(run=run_generate)
 
     convert = commands.add_parser(

@@ -25,6 +25,8 @@ GUIDANCE_RANGE = (0.0, 100.0)
 ETA_RANGE = (0.0, 1.0)
 PRECISIONS = ("fp32", "fp16", "bf16")  # the model's weight and activation precision (sdcore.load's dtype)
 BACKENDS = ("torch", "openvino")  # what runs the U-Net and the VAE: torch, or OpenVINO (sdcore.openvino)
+# sdcore.load takes a backend, or "auto": openvino for fp32 on the CPU where it is installed, else torch
+LOAD_BACKENDS = ("auto", *BACKENDS)
 IMG2IMG_STRENGTH = 0.8  # the strength an img2img call runs with when it names none (diffusers' default)
 LORA_WEIGHT_LIMIT = 10.0  # A1111 takes any multiplier; past +-10 a LoRA only makes noise
 # A1111's numbering and slider: 1 is the text encoder's last layer, 12 its first (SD 1.5's has 12 layers)

@@ -18,6 +18,8 @@ pixels as diffusers.
 from __future__ import annotations
 
 import copy
+import importlib.util
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,9 +37,10 @@ from sdcore.lora import LoRA, LoRAMerge, read_lora
 from sdcore.models.clip import emphasize
 from sdcore.models.winograd import use_winograd
 from sdcore.noise import randn
-from sdcore.params import BACKENDS, GENERATION_FIELDS, IMG2IMG_STRENGTH, PRECISIONS, Generation, Request
+from sdcore.params import GENERATION_FIELDS, IMG2IMG_STRENGTH, LOAD_BACKENDS, PRECISIONS, Generation, Request
 from sdcore.prompts import Chunk, ParsedPrompt, ParsedRequest, empty_chunk, parse_prompt
 
+log = logging.getLogger(__name__)
 DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 
 
@@ -77,11 +80,17 @@ def load(source: str, device: str | torch.device = "auto", dtype: str | torch.dt
 
     backend "openvino" runs the U-Net and the VAE compiled with OpenVINO on the CPU (Pipeline.use_openvino):
     the weights load in fp32 and dtype names OpenVINO's precision, fp32 (None) or bf16 where the CPU has it
-    natively. It excludes winograd; like winograd, it stays off on a GPU that device "auto" finds."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not known; accepted: {', '.join(BACKENDS)}")
+    natively. It excludes winograd; like winograd, it stays off on a GPU that device "auto" finds.
+    backend "auto" is "openvino" for fp32 on the CPU when the openvino package is installed (winograd then
+    stays off: OpenVINO runs its own convolutions), and "torch" otherwise, with a warning on the CPU that
+    names the package; Pipeline.backend says which one runs."""
+    if backend not in LOAD_BACKENDS:
+        raise ValueError(f"backend {backend!r} is not known; accepted: {', '.join(LOAD_BACKENDS)}")
     auto = device == "auto"
     device = resolve_device(device)
+    if backend == "auto":
+        backend = auto_backend(device, dtype)
+        winograd = winograd and backend == "torch"
     if backend == "openvino" and auto and device.type == "cuda":
         backend = "torch"  # a GPU host that "auto" found runs torch's CUDA kernels
     precision = None
@@ -102,6 +111,19 @@ def load(source: str, device: str | torch.device = "auto", dtype: str | torch.dt
     if precision is not None:
         pipe.use_openvino(precision)
     return pipe
+
+
+def auto_backend(device: torch.device, dtype) -> str:
+    """backend "auto": OpenVINO where it runs the model as asked (fp32 on the CPU) and is installed."""
+    if device.type != "cpu" or resolve_dtype(dtype, device) != torch.float32:
+        return "torch"
+    if importlib.util.find_spec("openvino") is None:
+        from sdcore.openvino import INSTALL_HINT
+
+        log.warning("backend auto: the openvino package is not installed, so the U-Net and the VAE run in "
+                    "torch; for the faster CPU backend: %s", INSTALL_HINT)
+        return "torch"
+    return "openvino"
 
 
 def winograd_error(device: torch.device, dtype: torch.dtype) -> str:

@@ -152,7 +152,7 @@ def test_weights_loaded_from_a_file_are_copies_not_its_mapped_pages(tiny):
 # -- set-up ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("arguments", "message"), [
-    (dict(backend="onnx"), r"^backend 'onnx' is not known; accepted: torch, openvino"),
+    (dict(backend="onnx"), r"^backend 'onnx' is not known; accepted: auto, torch, openvino"),
     (dict(dtype="fp16"), r"^dtype 'fp16' is not offered by backend 'openvino'; accepted: fp32, bf16"),
     (dict(winograd=True), r"^winograd is a torch kernel and backend 'openvino' runs its own convolutions"),
 ])  # fmt: skip
@@ -166,16 +166,38 @@ def test_the_backend_refuses_a_gpu():
         openvino_precision(torch.device("cuda"), None, winograd=False)
 
 
-def test_the_cpu_worker_config_runs_on_openvino_and_a_bad_backend_is_refused(tmp_path):
-    assert load_config(REPO / "configs" / "sd15-fp32-cpu.yaml", environ={}).model.backend == "openvino"
+def test_auto_runs_openvino_on_the_cpu_and_torch_where_openvino_cannot_run_as_asked():
+    pipe = sdcore.load("tiny-random", device="cpu", backend="auto", winograd=True)
+    assert (pipe.backend, pipe.winograd, type(pipe.unet).__name__) == ("openvino", False, "OpenVINOUNet")
+    half = sdcore.load("tiny-random", device="cpu", dtype="fp16", backend="auto")
+    assert (half.backend, half.precision) == ("torch", "fp16")
+
+
+def test_auto_without_openvino_installed_runs_torch_and_warns_naming_the_extra(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    pipe = sdcore.load("tiny-random", device="cpu", backend="auto", winograd=True)
+    assert (pipe.backend, pipe.winograd) == ("torch", True)
+    assert "the openvino package is not installed" in caplog.text
+    assert "pip install -e '.[openvino]'" in caplog.text
+
+
+def test_the_cpu_worker_config_runs_auto_with_winograd_and_a_bad_backend_is_refused(tmp_path):
+    model = load_config(REPO / "configs" / "sd15-fp32-cpu.yaml", environ={}).model
+    assert (model.backend, model.winograd) == ("auto", True)
     assert load_config(REPO / "configs" / "demo.yaml", environ={}).model.backend == "torch"
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model: {checkpoint: tiny-random, backend: onnx}\n")
-    with pytest.raises(ConfigError, match=r"model\.backend: 'onnx' is not a backend; accepted: torch, openv"):
-        load_config(bad, environ={})
-    bad.write_text("model: {checkpoint: tiny-random, backend: openvino, winograd: true}\n")
-    with pytest.raises(ConfigError, match=r"model\.backend: openvino with device auto, winograd True"):
-        load_config(bad, environ={})
+    config = tmp_path / "config.yaml"
+    config.write_text("model: {checkpoint: tiny-random, device: cpu, backend: openvino, precision: bf16}\n")
+    assert load_config(config, environ={}).model.precision == "bf16"  # the CPU's bf16 is checked at start
+    for model, message in [
+        ("backend: onnx", r"model\.backend: 'onnx' is not a backend; accepted: auto, torch, openvino"),
+        ("backend: openvino, winograd: true", r"model\.backend: openvino with device auto, winograd True"),
+        ("device: cpu, backend: auto, precision: bf16",
+         r"model\.precision: bf16 on device cpu is unsupported; accepted: fp32 on cpu \(or bf16 with backend "
+         r"openvino\)"),
+    ]:
+        config.write_text(f"model: {{checkpoint: tiny-random, {model}}}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(config, environ={})
 
 
 def test_without_openvino_installed_the_error_names_the_extra(monkeypatch):

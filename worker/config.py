@@ -1,8 +1,8 @@
 """YAML config -> validated, frozen settings.
 
     model:    {checkpoint: PATH | tiny-random, name (default: the file's stem, the folder's name or
-               tiny-random), precision: fp32|fp16|bf16, device: auto|cpu|cuda, winograd,
-               vae: PATH (optional: a standalone VAE instead of the checkpoint's), backend: torch|openvino}
+               tiny-random), precision: fp32|fp16|bf16, device: auto|cpu|cuda, winograd, vae: PATH (optional:
+               a standalone VAE instead of the checkpoint's), backend: torch|openvino|auto}
     models:   {NAME: {queue: QUEUE, sha256: HEX (optional)}, ...} (optional): the fleet's other models, which
               a prompt line names in `model`; this config's own model is served on broker.queue
     sampling: {sampler, steps, guidance_scale, width, height, eta, micro_batch, seed}
@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from sdcore.errors import InvalidField
-from sdcore.params import BACKENDS, MAX_SEED, MAX_STEPS, PRECISIONS, Generation, check_float, check_int
+from sdcore.params import LOAD_BACKENDS, MAX_SEED, MAX_STEPS, PRECISIONS, Generation, check_float, check_int
 from worker.validate import GENERATION_FIELDS, MAX_MICRO_BATCH, Limits, check_generation
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -108,7 +108,8 @@ class ModelSettings:
     device: str = "auto"
     winograd: bool = False  # CPU fp32 workers: U-Net convolutions as Winograd (sdcore Pipeline.use_winograd)
     vae: str | None = None  # a standalone VAE file or folder (sdcore.load(..., vae=))
-    backend: str = "torch"  # "openvino": U-Net and VAE compiled for the CPU (sdcore.load(..., backend=))
+    # "openvino": U-Net and VAE compiled for the CPU; "auto": openvino where installed (sdcore.load's backend)
+    backend: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -344,17 +345,21 @@ def _model(values: dict) -> ModelSettings:
                            ", ".join(PRECISIONS))
     if model.device not in DEVICES:
         raise InvalidField("model.device", f"{shown(model.device)} is not a device", ", ".join(DEVICES))
-    if model.device == "cpu" and model.precision != "fp32":
-        # CPUs here have no fast half types: bf16 matmul is emulated (~500x slower), fp16 lacks kernels.
+    if model.device == "cpu" and model.precision != "fp32" and (model.backend, model.precision) != (
+            "openvino", "bf16"):
+        # torch on a CPU has no fast half types: bf16 matmul is emulated (~500x slower), fp16 lacks kernels.
+        # OpenVINO runs bf16 natively where the CPU has AVX512-BF16 or AMX (sdcore.load checks at start).
         raise InvalidField("model.precision", f"{model.precision} on device cpu is unsupported",
-                           "fp32 on cpu; fp16 or bf16 with device cuda or auto")
+                           "fp32 on cpu (or bf16 with backend openvino); fp16 or bf16 with device cuda or "
+                           "auto")
     if not isinstance(model.winograd, bool):
         raise InvalidField("model.winograd", f"{shown(model.winograd)} is not a boolean", "true, false")
     if model.winograd and (model.device == "cuda" or model.precision != "fp32"):
         raise InvalidField("model.winograd", f"true with device {model.device}, precision {model.precision}",
                            "true only with precision fp32 and device cpu or auto (GPU workers ignore it)")
-    if model.backend not in BACKENDS:
-        raise InvalidField("model.backend", f"{shown(model.backend)} is not a backend", ", ".join(BACKENDS))
+    if model.backend not in LOAD_BACKENDS:
+        raise InvalidField("model.backend", f"{shown(model.backend)} is not a backend",
+                           ", ".join(LOAD_BACKENDS))
     # Whether openvino is installed is the worker's to say (sdcore.load names the extra): clients that only
     # enqueue read the same config.
     if model.backend == "openvino" and (model.device == "cuda" or model.winograd):
