@@ -542,3 +542,136 @@ def flower(tmp_path) -> Iterator[Callable[[dict[str, str]], Flower]]:
     yield start
     for server in started:
         server.stop()
+
+
+# --- Redis Sentinel -----------------------------------------------------------------------------------------
+
+SENTINEL_DOWN_AFTER_MS = 1000  # how long the Sentinels wait before they call a silent primary down
+SENTINEL_FAILOVER_TIMEOUT_MS = 5000
+
+
+@dataclass
+class SentinelGroup:
+    """A Redis primary and its replica (AOF on, as RedisServer) watched by three Sentinels, all on loopback:
+    the smallest deployment that fails over (two Sentinels of three agree the primary is down). The data
+    nodes keep their ports for life, so a killed one comes back where the Sentinels know it."""
+
+    dir: Path
+    master_name: str = "sdbatch-primary"
+    data_ports: list[int] = field(default_factory=lambda: [free_port(), free_port()])
+    sentinel_ports: list[int] = field(default_factory=lambda: [free_port() for _ in range(3)])
+    processes: dict[int, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return ";".join(f"sentinel://127.0.0.1:{port}" for port in self.sentinel_ports)
+
+    def start(self) -> None:
+        primary, replica = self.data_ports
+        self.start_data_node(primary)
+        self.start_data_node(replica, replica_of=primary)
+        self.wait_replica_synced(replica, primary)
+        for port in self.sentinel_ports:
+            self._start_sentinel(port, primary)
+        wait_for(lambda: self._sentinels_agree_on(primary, replicas=1), "Sentinels watching the primary",
+                 READY_DEADLINE_S)
+
+    def start_data_node(self, port: int, replica_of: int | None = None) -> None:
+        """Start (or restart on its data) a data node; a restarted former primary starts as one, and the
+        Sentinels turn it into a replica of the new primary, as they would in production."""
+        node_dir = self.dir / f"redis-{port}"
+        node_dir.mkdir(parents=True, exist_ok=True)
+        argv = [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                "--dir", str(node_dir), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+                "--daemonize", "no", "--logfile", "redis.log"]
+        if replica_of is not None:
+            argv += ["--replicaof", "127.0.0.1", str(replica_of)]
+        self.processes[port] = _spawn(argv, node_dir / "stdout.log")
+        probe = redis.Redis(port=port, socket_connect_timeout=0.5)
+        wait_for(lambda: _redis_answers(probe), f"redis-server on port {port}", READY_DEADLINE_S,
+                 self.processes[port], node_dir / "redis.log")
+        probe.close()
+
+    def _start_sentinel(self, port: int, primary: int) -> None:
+        sentinel_dir = self.dir / f"sentinel-{port}"
+        sentinel_dir.mkdir(parents=True, exist_ok=True)
+        config = sentinel_dir / "sentinel.conf"  # Sentinel rewrites its config: a file of its own
+        config.write_text(f"""\
+port {port}
+bind 127.0.0.1
+dir {sentinel_dir}
+logfile sentinel.log
+sentinel monitor {self.master_name} 127.0.0.1 {primary} 2
+sentinel down-after-milliseconds {self.master_name} {SENTINEL_DOWN_AFTER_MS}
+sentinel failover-timeout {self.master_name} {SENTINEL_FAILOVER_TIMEOUT_MS}
+""")
+        self.processes[port] = _spawn([shutil.which("redis-server") or "redis-server", str(config),
+                                       "--sentinel"], sentinel_dir / "stdout.log")
+
+    def primary(self) -> int | None:
+        """The port of the primary all three Sentinels name, or None while they disagree or are unsure."""
+        named = set()
+        for port in self.sentinel_ports:
+            try:
+                with redis.Redis(port=port, socket_timeout=1, decode_responses=True) as sentinel:
+                    address = sentinel.sentinel_get_master_addr_by_name(self.master_name)
+            except redis.RedisError:
+                return None
+            named.add(int(address[1]) if address else None)
+        return named.pop() if len(named) == 1 else None
+
+    def _sentinels_agree_on(self, primary: int, replicas: int) -> bool:
+        if self.primary() != primary:
+            return False
+        try:
+            with redis.Redis(port=primary, socket_timeout=1) as node:
+                return node.info("replication")["connected_slaves"] >= replicas
+        except redis.RedisError:
+            return False
+
+    def kill(self, port: int) -> None:
+        _kill_group(self.processes[port])
+
+    def wait_failover(self, away_from: int, deadline_s: float) -> tuple[int, float]:
+        """Wait until the Sentinels name a primary other than `away_from` and it acts as one; returns its port
+        and the seconds waited."""
+        def promoted() -> bool:
+            port = self.primary()
+            if port in (None, away_from):
+                return False
+            try:
+                with redis.Redis(port=port, socket_timeout=1) as node:
+                    return node.info("replication")["role"] == "master"
+            except redis.RedisError:
+                return False
+
+        waited = wait_for(promoted, f"a failover away from port {away_from}", deadline_s)
+        return self.primary(), waited
+
+    def wait_replica_synced(self, replica: int, primary: int, deadline_s: float = 60.0) -> float:
+        """Wait until `replica` replicates `primary` with its link up: a failover then has a node to
+        promote."""
+        def synced() -> bool:
+            try:
+                with redis.Redis(port=replica, socket_timeout=1, decode_responses=True) as node:
+                    info = node.info("replication")
+            except redis.RedisError:
+                return False
+            return (info["role"], info.get("master_port"), info.get("master_link_status")) == \
+                ("slave", primary, "up")
+
+        return wait_for(synced, f"port {replica} a synced replica of port {primary}", deadline_s)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            _kill_group(process)
+
+
+@pytest.fixture
+def sentinel_group(tmp_path) -> Iterator[SentinelGroup]:
+    group = SentinelGroup(dir=tmp_path / "sentinel-group")
+    try:
+        group.start()
+        yield group
+    finally:
+        group.stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from worker.app import celery_config
-from worker.config import ConfigError, load_config, redact_url
+from worker.config import ConfigError, SentinelURL, load_config, parse_sentinel_url, redact_url
 
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL = "model: {checkpoint: tiny-random}\n"
@@ -177,3 +177,71 @@ def test_rediss_urls_get_certificate_checking(tmp_path):
     settings = load_config(write(tmp_path, MINIMAL), environ={"SDBATCH_BROKER_URL": "rediss://:pw@host:6380/0"})
 
     assert celery_config(settings)["broker_use_ssl"]["ssl_cert_reqs"] == 2  # ssl.CERT_REQUIRED
+
+
+# --- Redis Sentinel (sentinel:// URLs) ----------------------------------------------------------------------
+
+SENTINELS = "sentinel://:s3cret@10.0.0.1:26379/2;sentinel://10.0.0.2:26379;sentinel://10.0.0.3:26380"
+SENTINEL_CONFIG = MINIMAL + "broker: {master_name: sdbatch-primary}\n"
+
+
+def test_a_sentinel_url_names_every_sentinel_and_the_primary_once(tmp_path):
+    settings = load_config(write(tmp_path, SENTINEL_CONFIG), environ={"SDBATCH_BROKER_URL": SENTINELS})
+
+    assert parse_sentinel_url(settings.broker.url) == SentinelURL(
+        (("10.0.0.1", 26379), ("10.0.0.2", 26379), ("10.0.0.3", 26380)), password="s3cret", db=2)
+    assert settings.broker.master_name == "sdbatch-primary"
+
+
+def test_celery_gets_the_sentinel_transport_with_the_password_and_db_on_every_sentinel(tmp_path):
+    settings = load_config(write(tmp_path, SENTINEL_CONFIG), environ={"SDBATCH_BROKER_URL": SENTINELS})
+
+    conf = celery_config(settings)
+
+    assert conf["broker_transport"] == "worker.app:SentinelTransport"
+    assert conf["broker_transport_options"]["master_name"] == "sdbatch-primary"
+    # kombu moves on to the next sentinel after a connection error and reads the credentials from it
+    assert conf["broker_url"] == ("sentinel://:s3cret@10.0.0.1:26379/2;sentinel://:s3cret@10.0.0.2:26379/2;"
+                                  "sentinel://:s3cret@10.0.0.3:26380/2")
+
+
+def test_a_sentinel_url_without_master_name_is_refused_naming_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"broker\.master_name: is missing, and SDBATCH_BROKER_URL is a "
+                                          r"sentinel:// URL; accepted: the name the Sentinels monitor"):
+        load_config(write(tmp_path, MINIMAL), environ={"SDBATCH_BROKER_URL": SENTINELS})
+
+
+def test_master_name_with_a_plain_redis_url_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"broker\.master_name: is set, and broker\.url is a redis:// URL"):
+        load_config(write(tmp_path, SENTINEL_CONFIG), environ={})
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("sentinel://10.0.0.1:26379;sentinel://:pw@10.0.0.2:26379", "sentinel 2 has a password, a db or options"),
+    ("sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26379/3", "sentinel 2 has a password, a db or options"),
+    ("sentinel://10.0.0.1:26379;sentinel://10.0.0.2", r"sentinel 2 is not sentinel://HOST:PORT"),
+    ("sentinel://10.0.0.1:99999", r"sentinel 1 is not sentinel://HOST:PORT"),
+    ("sentinel://10.0.0.1:26379/x", "has db 'x'"),
+    ("sentinel://:pa;ss@10.0.0.1:26379", "has a password holding '#', '/', '\\?' or ';'"),
+])
+def test_a_malformed_sentinel_url_is_refused_with_what_is_wrong(tmp_path, url, problem):
+    with pytest.raises(ConfigError, match=problem) as error:
+        load_config(write(tmp_path, SENTINEL_CONFIG), environ={"SDBATCH_BROKER_URL": url})
+
+    assert "pw" not in str(error.value) and "pa;ss" not in str(error.value)
+
+
+def test_a_sentinel_password_in_the_config_file_is_refused(tmp_path):
+    url = "sentinel://h:1;sentinel://:pw@h2:2"
+    config = SENTINEL_CONFIG.replace("{master_name", f'{{url: "{url}", master_name')
+
+    with pytest.raises(ConfigError, match="broker.url: holds a password") as error:
+        load_config(write(tmp_path, config), environ={})
+
+    assert "pw" not in str(error.value)
+
+
+def test_redact_url_hides_the_password_of_every_sentinel():
+    url = "sentinel://user:one@h1:26379/0;sentinel://:two@h2:26379;sentinel://h3:26379"
+
+    assert redact_url(url) == "sentinel://user:***@h1:26379/0;sentinel://:***@h2:26379;sentinel://h3:26379"

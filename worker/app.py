@@ -15,7 +15,8 @@ message only runs twice where that is harmless) come from these settings and fro
 - `worker_prefetch_multiplier=1`: a worker holds one batch, so a killed worker strands at most that one;
 - the Redis transport drops (with a log line) a queue entry that is not a message at all, and returns to its
   queue a message that Redis lost track of by dying between handing it out and recording it as unacked
-  (`RedisTransport`).
+  (`RedisTransport`); with a `sentinel://` URL, the same on the primary the Sentinels name
+  (`SentinelTransport`), which it follows through a failover (what one can lose: docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from celery import Celery
 from kombu.transport import redis as kombu_redis
 
-from worker.config import Settings, from_env
+from worker.config import SentinelURL, Settings, from_env, parse_sentinel_url
 from worker.messages import PRIORITIES, soft_limit
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,9 @@ class QoS(kombu_redis.QoS):
             raise
 
 
-class RecoveringChannel(kombu_redis.Channel):
-    """kombu's Redis channel with the QoS above, and two more duties:
+class Recovering:
+    """What our channels add to kombu's Redis channels (plain and Sentinel alike): the QoS above, and two
+    more duties:
     - on creation (kombu has just PINGed Redis), it returns the messages QoS.append could not record;
     - a queue entry which is not a kombu message (not JSON, not an envelope) is logged and dropped. Stock
       kombu lets the decode error escape its event loop and the worker stops ("Unrecoverable error"). BRPOP
@@ -95,11 +97,25 @@ class RecoveringChannel(kombu_redis.Channel):
             return True
 
 
+class RecoveringChannel(Recovering, kombu_redis.Channel):
+    pass
+
+
+class RecoveringSentinelChannel(Recovering, kombu_redis.SentinelChannel):
+    """The same, on the primary that the Sentinels name: after a failover it reconnects to the new one."""
+
+
 class RedisTransport(kombu_redis.Transport):
     """kombu's Redis transport with the channel above. QoS.append, Channel.__init__ and _brpop_read are
     kombu 5.7's private methods (pinned in pyproject.toml): check them again before allowing another kombu."""
 
     Channel = RecoveringChannel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport (sentinel:// URLs) with the channel above; the same kombu caveat."""
+
+    Channel = RecoveringSentinelChannel
 
 
 def celery_config(settings: Settings) -> dict:
@@ -116,9 +132,13 @@ def celery_config(settings: Settings) -> dict:
         "socket_timeout": 30,
         "socket_connect_timeout": 5,
     }
+    broker_url, transport_class = settings.broker.url, "RedisTransport"  # for redis:// and rediss:// alike
+    if urlsplit(broker_url).scheme == "sentinel":
+        broker_url, transport_class = kombu_sentinel_url(parse_sentinel_url(broker_url)), "SentinelTransport"
+        transport["master_name"] = settings.broker.master_name
     conf = {
-        "broker_url": settings.broker.url,
-        "broker_transport": f"{__name__}:RedisTransport",  # for redis:// and rediss:// alike
+        "broker_url": broker_url,
+        "broker_transport": f"{__name__}:{transport_class}",
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # ride out a Redis restart however long it takes
@@ -149,6 +169,14 @@ def celery_config(settings: Settings) -> dict:
         # our transport means kombu no longer infers TLS from the scheme: ask for it, certificates checked
         conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return conf
+
+
+def kombu_sentinel_url(sentinel: SentinelURL) -> str:
+    """The sentinels as kombu takes them, the credentials and db on every one: kombu reads them from the
+    sentinel it is at, and moves on to the next one after a connection error."""
+    user = quote(sentinel.username or "", safe="")
+    auth = f"{user}:{quote(sentinel.password, safe='')}@" if sentinel.password is not None else ""
+    return ";".join(f"sentinel://{auth}{host}:{port}/{sentinel.db}" for host, port in sentinel.nodes)
 
 
 def make_app(settings: Settings) -> Celery:

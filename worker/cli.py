@@ -304,10 +304,10 @@ def _devices(requested: str, settings: Settings) -> list[str]:
 def cmd_status(args, settings: Settings) -> int:
     from tqdm import tqdm
 
-    from worker import progress
+    from worker import client
 
     check_run_id(args.run_id)
-    counters = progress.RunProgress(progress.connect(settings.broker.url), args.run_id)
+    counters = client.run_counters(settings, args.run_id)
     if not counters.exists():
         print(f"sdbatch: run {args.run_id} has no counters on {redact_url(settings.broker.url)}; "
               f"accepted: a run id that `sdbatch enqueue` printed "
@@ -346,10 +346,10 @@ def _duration(seconds: float | None) -> str:
 
 
 def cmd_failed(args, settings: Settings) -> int:
-    from worker import client, progress
+    from worker import client
 
     _, jobs = client.load_run(settings, args.run_id)
-    failures = progress.RunProgress(progress.connect(settings.broker.url), args.run_id).failures()
+    failures = client.run_counters(settings, args.run_id).failures()
     lines = {job.job_id: job.line for job in jobs}
     for job_id, reason in failures.items():
         print(f"{job_id}\tline {lines.get(job_id, '?')}\t{reason}")

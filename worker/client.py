@@ -5,12 +5,15 @@
 
 Order of writes: the run record ({run_id}/run.jsonl, every job and setting) goes to storage first, then the
 counters to Redis, then the messages; so a run that was enqueued at all can be rebuilt from storage alone
-(`resume`), and `status` never sees a message before its run's total.
+(`resume`), and `status` never sees a message before its run's total. An enqueue returns once a replica
+of the primary (if it has one) holds all of that, and resumes the run itself if a failover came in between
+(docs/scaling.md, "Sentinel and failover").
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -39,6 +42,8 @@ from worker.jobs import (
 from worker.messages import PRIORITIES, TASK_NAME, time_limits, to_message
 from worker.storage import open_storage
 from worker.validate import check_run_id
+
+log = logging.getLogger(__name__)
 
 # what redis-py and kombu raise when Redis is down or refuses us (their messages carry no password)
 BROKER_ERRORS = (redis.RedisError, OperationalError)
@@ -154,8 +159,17 @@ def enqueue_prepared(settings: Settings, run_id: str, jobs: list[Job], header: d
         raise RunError(f"run {run_id} already exists at {store.location(record_key)}; "
                        f"accepted: a new --run-id, or `sdbatch resume {run_id}` to finish it")
     try:
-        progress.RunProgress(progress.connect(settings.broker.url), run_id).begin(len(jobs))
+        counters = run_counters(settings, run_id)
+        server = counters.server_id()
+        counters.begin(len(jobs))
         send(settings, run_id, jobs, header["priority"])
+        if counters.replicate() != server:
+            # a failover (or a restart) came between the first write and the replica's acknowledgement of
+            # the last: the new primary may lack the counters or some messages (replication is
+            # asynchronous). Resuming rebuilds both from the run record and storage; a message that was not
+            # lost after all only makes its batch run twice (same bytes, counted once).
+            log.warning("run %s: the broker failed over while it was enqueued; resuming it", run_id)
+            resume(settings, run_id)
     except BROKER_ERRORS as error:
         raise BrokerUnavailable(
             f"broker {redact_url(settings.broker.url)} unavailable ({error}); run {run_id} is recorded at "
@@ -215,7 +229,7 @@ def retry(config, run_id: str) -> int:
     """Re-enqueue the run's failed jobs; returns how many."""
     settings = _settings(config)
     header, jobs = load_run(settings, run_id)
-    counters = progress.RunProgress(progress.connect(settings.broker.url), run_id)
+    counters = run_counters(settings, run_id)
     if counters.state() == "cancelled":
         raise RunError(f"run {run_id} is cancelled; accepted: `sdbatch resume {run_id}`, which makes it "
                        "active again and enqueues every job without an image")
@@ -230,20 +244,30 @@ def retry(config, run_id: str) -> int:
 def resume(config, run_id: str) -> int:
     """Re-enqueue every job of the run whose image or metadata is missing from storage (works after a total
     loss of Redis: the counters are rebuilt from storage; a cancelled run becomes active again); returns how
-    many."""
+    many. Like `enqueue`, it returns once a replica holds what it wrote, and does it again if a failover came
+    in between."""
     settings = _settings(config)
     header, jobs = load_run(settings, run_id)
     store = open_storage(settings.storage)
-    images, metas = set(store.list(f"{run_id}/images")), set(store.list(f"{run_id}/meta"))
-    missing = [job for job in jobs if f"{run_id}/images/{job.job_id}.png" not in images
-               or f"{run_id}/meta/{job.job_id}.json" not in metas]
-    missing_ids = {job.job_id for job in missing}
-    counters = progress.RunProgress(progress.connect(settings.broker.url), run_id)
-    counters.begin(len(jobs), done=[job.job_id for job in jobs if job.job_id not in missing_ids],
-                   pending=sorted(missing_ids))
-    if missing:
-        send(settings, run_id, missing, header.get("priority", "normal"))
-    return len(missing)
+    counters = run_counters(settings, run_id)
+    while True:
+        server = counters.server_id()
+        images, metas = set(store.list(f"{run_id}/images")), set(store.list(f"{run_id}/meta"))
+        missing = [job for job in jobs if f"{run_id}/images/{job.job_id}.png" not in images
+                   or f"{run_id}/meta/{job.job_id}.json" not in metas]
+        missing_ids = {job.job_id for job in missing}
+        counters.begin(len(jobs), done=[job.job_id for job in jobs if job.job_id not in missing_ids],
+                       pending=sorted(missing_ids))
+        if missing:
+            send(settings, run_id, missing, header.get("priority", "normal"))
+        if counters.replicate() == server:
+            return len(missing)
+        log.warning("run %s: the broker failed over while it was resumed; resuming it again", run_id)
+
+
+def run_counters(settings: Settings, run_id: str) -> progress.RunProgress:
+    """The run's counters in the broker's Redis (with Sentinel, on its primary of the moment)."""
+    return progress.RunProgress(progress.connect(settings.broker.url, settings.broker.master_name), run_id)
 
 
 def cancel(config, run_id: str) -> int:
@@ -290,7 +314,7 @@ def _counters(settings: Settings, run_id: str) -> progress.RunProgress:
         check_run_id(run_id)
     except InvalidField as error:
         raise RunError(str(error)) from None
-    counters = progress.RunProgress(progress.connect(settings.broker.url), run_id)
+    counters = run_counters(settings, run_id)
     if not counters.exists():
         raise RunError(f"run {run_id} has no counters on {redact_url(settings.broker.url)}; accepted: a run "
                        f"id that `sdbatch enqueue` printed (after losing Redis: `sdbatch resume {run_id}`)")
@@ -313,7 +337,7 @@ def gallery(config, run_id: str, warn=None) -> str:
         raise RunError(str(error)) from None
     failures, cancelled, problem = None, frozenset(), None
     try:
-        counters = progress.RunProgress(progress.connect(settings.broker.url), run_id)
+        counters = run_counters(settings, run_id)
         if counters.exists():
             failures = counters.failures()
             cancelled = {member.decode() for member in counters.client.smembers(counters.cancelled_key)}
@@ -329,5 +353,5 @@ def gallery(config, run_id: str, warn=None) -> str:
 
 
 __all__ = ["enqueue", "enqueue_prepared", "retry", "resume", "cancel", "pause", "unpause", "prepare", "send",
-           "publish", "load_run", "gallery", "RunError", "BrokerUnavailable", "BROKER_ERRORS",
+           "publish", "load_run", "gallery", "run_counters", "RunError", "BrokerUnavailable", "BROKER_ERRORS",
            "PromptFileError"]

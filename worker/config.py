@@ -7,7 +7,9 @@
               a prompt line names in `model`; this config's own model is served on broker.queue
     sampling: {sampler, steps, guidance_scale, width, height, eta, micro_batch, seed}
               (sdcore.params.Generation's fields but img2img's strength, with its defaults and checks)
-    broker:   {url: redis://[:PASSWORD@]HOST:PORT/DB | rediss://..., queue}
+    broker:   {url: redis://[:PASSWORD@]HOST:PORT/DB | rediss://... |
+               sentinel://[:PASSWORD@]HOST:PORT[/DB][;sentinel://HOST:PORT...], queue,
+               master_name (the Sentinels' name of the primary; only and always with sentinel://)}
     storage:  {url: s3://BUCKET/PREFIX | file:///DIR | file://./DIR, endpoint_url}
     adapters: {dir: PATH, url: s3://BUCKET/PREFIX | file://DIR, cache: PATH} (optional; worker.adapters):
               LoRA files loras/NAME.safetensors|.pt|.ckpt and embeddings embeddings/NAME.pt|.safetensors|.bin
@@ -28,17 +30,27 @@ import reprlib
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
 from sdcore.errors import InvalidField
-from sdcore.params import LOAD_BACKENDS, MAX_SEED, MAX_STEPS, PRECISIONS, Generation, check_float, check_int
+from sdcore.params import (
+    LOAD_BACKENDS,
+    MAX_SEED,
+    MAX_STEPS,
+    PRECISIONS,
+    Generation,
+    check_float,
+    check_int,
+)
 from worker.validate import GENERATION_FIELDS, MAX_MICRO_BATCH, Limits, check_generation
 
 DEVICES = ("auto", "cpu", "cuda")
-BROKER_SCHEMES = ("redis", "rediss")
+BROKER_SCHEMES = ("redis", "rediss", "sentinel")
 QUEUE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MASTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # broker.master_name (names a Sentinel primary)
+SENTINEL_SEPARATOR = re.compile(r";(?=sentinel://)")  # between the sentinels of a sentinel:// URL
 BUCKET_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 KEY_SEGMENT_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 CONFIG_ENV = "SDBATCH_CONFIG"
@@ -134,9 +146,22 @@ class SamplingSettings:
 class BrokerSettings:
     url: str = "redis://127.0.0.1:6379/0"
     queue: str = "sdbatch"
+    master_name: str | None = None  # with sentinel:// only: which primary of the Sentinels' to use
 
     def __repr__(self) -> str:  # settings get printed and logged: never with the broker's password
-        return f"BrokerSettings(url={redact_url(self.url)!r}, queue={self.queue!r})"
+        return (f"BrokerSettings(url={redact_url(self.url)!r}, queue={self.queue!r}, "
+                f"master_name={self.master_name!r})")
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """sentinel://[[USER]:PASSWORD@]HOST:PORT[/DB];sentinel://HOST:PORT...: the Sentinels to ask, and the
+    credentials and db of the Redis primary they name (given once, on the first sentinel)."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
 
 
 @dataclass(frozen=True)
@@ -421,7 +446,8 @@ def _sampling(values: dict, limits: Limits) -> SamplingSettings:
 def _check_broker(broker: BrokerSettings, environ) -> None:
     source = "SDBATCH_BROKER_URL" if environ.get("SDBATCH_BROKER_URL") else "broker.url"
     url = broker.url
-    accepted = "redis://[:PASSWORD@]HOST:PORT/DB or rediss://... (TLS)"
+    accepted = ("redis://[:PASSWORD@]HOST:PORT/DB or rediss://... (TLS) or "
+                "sentinel://[:PASSWORD@]HOST:PORT[/DB][;sentinel://HOST:PORT...] (Redis Sentinel)")
     if not isinstance(url, str) or _split(url) is None or _split(url).scheme not in BROKER_SCHEMES:
         shown_url = shown(redact_url(url) if isinstance(url, str) else url)
         raise InvalidField(source, f"{shown_url} is not a Redis URL", accepted)
@@ -430,15 +456,51 @@ def _check_broker(broker: BrokerSettings, environ) -> None:
         raise InvalidField("broker.url", "holds a password, and a config file holds no secret",
                            "the URL without its password here, and the whole URL with the password in the "
                            "environment: SDBATCH_BROKER_URL=redis://:PASSWORD@HOST:PORT/DB (from a secret)")
-    if any(c in (_password(url) or "") for c in "#/?"):
-        # urlsplit and redis-py end the host part at the first of these: the password would be cut short
-        raise InvalidField(source, f"{shown(redact_url(url))} has a password holding '#', '/' or '?'",
-                           "the password percent-encoded: %23 for #, %2F for /, %3F for ?")
-    if _bad_port(url):  # redis-py would refuse it only later, after a run record had been written
+    sentinel = _split(url).scheme == "sentinel"
+    # urlsplit and redis-py end the host part at the first of #/?; kombu splits a sentinel URL at each ;
+    cut_at, named = ("#/?;", "'#', '/', '?' or ';'") if sentinel else ("#/?", "'#', '/' or '?'")
+    password = _password(SENTINEL_SEPARATOR.split(url)[0] if sentinel else url)
+    if any(c in (password or "") for c in cut_at):
+        raise InvalidField(source, f"{shown(redact_url(url))} has a password holding {named}",
+                           "the password percent-encoded: %23 for #, %2F for /, %3F for ?, %3B for ;")
+    if sentinel:
+        parse_sentinel_url(url, source)
+    elif _bad_port(url):  # redis-py would refuse it only later, after a run record had been written
         raise InvalidField(source, f"{shown(redact_url(url))} has a bad port ({BAD_PORT})", accepted)
     if not isinstance(broker.queue, str) or not QUEUE_PATTERN.fullmatch(broker.queue):
         raise InvalidField("broker.queue", f"{shown(broker.queue)} is not a queue name",
                            "1 to 64 characters from A-Z a-z 0-9 _ . -")
+    if sentinel and (not isinstance(broker.master_name, str)
+                     or not MASTER_NAME_PATTERN.fullmatch(broker.master_name)):
+        problem = "is missing" if broker.master_name is None else f"{shown(broker.master_name)} is not a name"
+        raise InvalidField("broker.master_name", f"{problem}, and {source} is a sentinel:// URL",
+                           "the name the Sentinels monitor the primary under (`sentinel monitor NAME ...`): "
+                           "1-64 characters of A-Z a-z 0-9 _ . -")
+    if not sentinel and broker.master_name is not None:
+        raise InvalidField("broker.master_name", f"is set, and {source} is a {_split(url).scheme}:// URL",
+                           "master_name only with a sentinel:// URL; leave it out for redis:// and rediss://")
+
+
+def parse_sentinel_url(url: str, source: str = "broker.url") -> SentinelURL:
+    """The parts of a sentinel:// broker URL (SentinelURL); InvalidField names what is wrong in it."""
+    accepted = "sentinel://[:PASSWORD@]HOST:PORT[/DB][;sentinel://HOST:PORT...]"
+    nodes, first = [], None
+    for n, part in enumerate(SENTINEL_SEPARATOR.split(url)):
+        parts = _split(part)
+        where = f"{shown(redact_url(url))}: sentinel {n + 1}"
+        if parts is None or parts.scheme != "sentinel" or not parts.hostname or _bad_port(part) \
+                or not parts.port:
+            raise InvalidField(source, f"{where} is not sentinel://HOST:PORT (a port in 1-65535)", accepted)
+        if n > 0 and (_has_userinfo(part) or parts.path.strip("/") or parts.query):
+            raise InvalidField(source, f"{where} has a password, a db or options of its own",
+                               f"{accepted}: the password and db once, on the first sentinel")
+        first = first or parts
+        nodes.append((parts.hostname, parts.port))
+    db = first.path.strip("/") or "0"
+    if not db.isdigit():
+        raise InvalidField(source, f"{shown(redact_url(url))} has db {shown(db)}", f"{accepted}: DB a number")
+    password = unquote(first.password) if first.password is not None else None
+    return SentinelURL(tuple(nodes), unquote(first.username) if first.username else None, password, int(db))
 
 
 def _check_storage(storage: StorageSettings, environ) -> None:
@@ -530,7 +592,14 @@ def _password(url: str) -> str | None:
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ***, for anything that is printed or logged."""
+    """The URL with its password replaced by ***, for anything that is printed or logged; in a sentinel://
+    URL every sentinel's."""
+    if isinstance(url, str) and url.startswith("sentinel://"):
+        return ";".join(_redact_one(part) for part in SENTINEL_SEPARATOR.split(url))
+    return _redact_one(url)
+
+
+def _redact_one(url: str) -> str:
     parts = _split_userinfo(url) if isinstance(url, str) else None
     if parts is None or _password(url) is None:
         return url

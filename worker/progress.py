@@ -29,13 +29,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError
 from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from worker.config import parse_sentinel_url
 
 RUN_TTL_S = 30 * 24 * 3600
+REPLICA_WAIT_MS = 2000  # how long `replicate` waits for a replica (a lagging one): then it goes on without
 
 # Record a failure only for a job not already done: a late duplicate of a finished job must not undo it.
 _FAIL_UNLESS_DONE = """
@@ -108,13 +113,23 @@ class RetryUnlessRefused(Retry):
         return super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
-def connect(url: str) -> redis.Redis:
-    """A client that rides out a broker restart of ~40 s (12 retries, backoff 0.2 s doubling up to 4 s; AOF
-    keeps the counters); a wrong password fails at once."""
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=15,
-                                retry=RetryUnlessRefused(ExponentialBackoff(cap=4, base=0.2), retries=12),
-                                retry_on_error=[redis.ConnectionError, redis.TimeoutError,
-                                                redis.BusyLoadingError])
+def connect(url: str, master_name: str | None = None) -> redis.Redis:
+    """A client that rides out a broker restart or a Sentinel failover of ~40 s (12 retries, backoff 0.2 s
+    doubling up to 4 s; AOF keeps the counters); a wrong password fails at once. With a sentinel:// URL
+    (config.parse_sentinel_url) it is a client of the primary the Sentinels name as `master_name`, the one
+    kombu's Sentinel transport uses, and it asks them again at each reconnection."""
+    options = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 15,
+               "retry": RetryUnlessRefused(ExponentialBackoff(cap=4, base=0.2), retries=12),
+               "retry_on_error": [redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError]}
+    if urlsplit(url).scheme != "sentinel":
+        return redis.Redis.from_url(url, **options)
+    if master_name is None:
+        raise ValueError("a sentinel:// broker URL needs broker.master_name; accepted: the name the "
+                         "Sentinels monitor the primary under")
+    sentinel = parse_sentinel_url(url)
+    sentinels = Sentinel(sentinel.nodes, sentinel_kwargs={"socket_connect_timeout": 5, "socket_timeout": 5},
+                         username=sentinel.username, password=sentinel.password, db=sentinel.db, **options)
+    return sentinels.master_for(master_name)
 
 
 @dataclass(frozen=True)
@@ -189,6 +204,26 @@ class RunProgress:
                 pipe.srem(self.cancelled_key, *ids)
         self._refresh(pipe)
         pipe.execute()
+
+    def server_id(self) -> str:
+        """The run id of the Redis server that answers: another one after a failover or a restart, which may
+        have lost the last writes before it (replication and AOF fsync are asynchronous)."""
+        return self.client.info("server")["run_id"]
+
+    def replicate(self) -> str:
+        """Wait until a replica holds every write that the primary took so far, from any client (the
+        messages kombu sent included: WAIT waits for this connection's last write, the TTL refresh, which
+        comes after them), if it has replicas; then returns `server_id`. A caller who compares it with the one
+        read before its writes knows whether they are all on this server (and its replica) or whether a
+        failover came in between and some may be lost. The write, the wait and the read are one pipeline: on a
+        connection error redis-py sends it all again, to whichever server answers then."""
+        replicas = self.client.info("replication")["connected_slaves"]
+        pipe = self.client.pipeline(transaction=False)
+        self._refresh(pipe)
+        if replicas:
+            pipe.wait(1, REPLICA_WAIT_MS)
+        pipe.info("server")
+        return pipe.execute()[-1]["run_id"]
 
     def started(self) -> None:
         pipe = self.client.pipeline()

@@ -77,7 +77,7 @@ class BatchTask(Task):
     @cached_property
     def redis(self) -> Redis:
         """The client of the run counters."""
-        return progress.connect(self.settings.broker.url)
+        return progress.connect(self.settings.broker.url, self.settings.broker.master_name)
 
     @cached_property
     def runner(self) -> BatchRunner:
