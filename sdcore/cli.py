@@ -25,6 +25,7 @@ from sdcore.params import (
     MAX_SIZE,
     MAX_STEPS,
     MIN_SIZE,
+    OPENVINO_PRECISIONS,
     PRECISIONS,
     SAMPLERS,
     Generation,
@@ -69,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="text-encoder layer to condition on, counted from the last as AUTOMATIC1111 "
                                "does: 1 the last, 2 the one before "
                                f"({'..'.join(map(str, CLIP_SKIP_RANGE))}, default {default.clip_skip})")
-    generate.add_argument("--precision", choices=PRECISIONS,
-                          help="default: fp16 on CUDA, fp32 on CPU; with --from-png, the PNG's precision")
+    generate.add_argument("--precision", choices=tuple(dict.fromkeys((*PRECISIONS, *OPENVINO_PRECISIONS))),
+                          help="default: fp16 on CUDA, fp32 on CPU; with --from-png, the PNG's precision; "
+                               "int8 with --backend openvino only")
     generate.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto: cuda when available)")
     generate.add_argument("--init-image", type=Path, metavar="FILE", help="img2img: start from this image")
     generate.add_argument("--strength", type=float,
@@ -89,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--winograd", action="store_true",
                           help="CPU fp32: run the U-Net's 3x3 convolutions as Winograd (faster, more memory)")
     generate.add_argument("--backend", choices=LOAD_BACKENDS,
-                          help="openvino: the U-Net and VAE compiled for the CPU (--precision fp32 or bf16; "
-                               "pip install -e '.[openvino]'); auto: openvino for fp32 on the CPU where it "
-                               "is installed, else torch (default torch, or what --from-png recorded)")
+                          help="openvino: the U-Net and VAE compiled for the CPU (--precision fp32, bf16 or "
+                               "int8; pip install -e '.[openvino]'); auto: openvino for fp32 on the CPU "
+                               "where it is installed, else torch (default torch, or what --from-png "
+                               "recorded)")
     generate.set_defaults(run=run_generate)
 
     convert = commands.add_parser(

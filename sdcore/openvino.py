@@ -35,9 +35,13 @@ from torch import nn
 from .models.vae import AutoencoderKL, DiagonalGaussian
 
 INSTALL_HINT = "pip install -e '.[openvino]'"
-# sdcore precision name -> OpenVINO's CPU inference precision. bf16 is a compile-time hint over the same
-# fp32 IR (weights and activations rounded to bf16 inside the CPU plugin), offered where the CPU has it.
-PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+# sdcore precision name (sdcore.params.OPENVINO_PRECISIONS) -> OpenVINO's CPU inference precision. bf16 is a
+# compile-time hint over the same fp32 IR (weights and activations rounded to bf16 inside the CPU plugin),
+# offered where the CPU has it. int8 is the U-Net's weights stored as int8 with a scale and zero point per
+# output channel (NNCF's data-free compress_weights, INT8_ASYM), computed in f32: a quarter of the memory,
+# not the same pixels (BENCHMARKS.md). The VAE stays f32: it is 0.3 of 3.7 GB, and its errors go straight
+# into the pixels.
+PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 CACHE_ENV = "SDCORE_OPENVINO_CACHE"
 MODELS_SOURCE = Path(__file__).parent / "models"
 
@@ -51,6 +55,15 @@ def import_openvino():
     return openvino
 
 
+def import_nncf():
+    try:
+        import nncf
+    except ImportError as error:
+        raise ImportError(f"dtype int8 with backend 'openvino' needs the nncf package, which is not "
+                          f"installed: {INSTALL_HINT}") from error
+    return nncf
+
+
 def openvino_precision(device: torch.device, dtype, winograd: bool) -> str:
     """The backend's precision for load()'s dtype (None: fp32), checked with the rest of the set-up before any
     weights are read: the CPU, no winograd (OpenVINO picks its own convolutions), openvino installed, and bf16
@@ -59,6 +72,8 @@ def openvino_precision(device: torch.device, dtype, winograd: bool) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"dtype {dtype!r} is not offered by backend 'openvino'; accepted: "
                          f"{', '.join(PRECISIONS)} (None: fp32)")
+    if precision == "int8":
+        import_nncf()
     if torch.device(device).type != "cpu":
         raise ValueError(f"backend 'openvino' runs on the CPU, not on {device}; use device 'cpu' or 'auto'")
     if winograd:
@@ -93,11 +108,16 @@ class Compiler:
             "INFERENCE_NUM_THREADS": torch.get_num_threads(),
         }
         self.cache = Path(cache) if cache is not None else cache_dir()
+        self.int8 = precision == "int8"
 
     def compile(self, name: str, module: nn.Module, example: tuple[torch.Tensor, ...], dynamic: list,
-                weights: str | None) -> Compiled:
+                weights: str | None, compress: bool = False) -> Compiled:
         """`module` converted (or read from the cache when `weights`, the identity of its weights, is known)
-        and compiled; `dynamic` gives each input's shape with -1 for the sizes that vary."""
+        and compiled; `dynamic` gives each input's shape with -1 for the sizes that vary. `compress`: its
+        weights are stored as int8 when the precision is int8."""
+        compress = compress and self.int8
+        if weights is not None and compress:
+            weights = f"{weights}\nint8 weights"  # another graph than the f32 one
         folder = None if weights is None else self.cache / f"{name}-{self._key(name, weights)}"
         converted = folder is None or not (folder / "model.xml").exists()
         if converted:
@@ -109,6 +129,9 @@ class Compiler:
                 traced = torch.jit.trace(module, example, check_trace=False)
                 model = self.ov.convert_model(traced, example_input=example,
                                               input=[self.ov.PartialShape(shape) for shape in dynamic])
+            if compress:
+                nncf = import_nncf()
+                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
             if folder is not None:
                 self._save(model, folder)
         else:
@@ -187,7 +210,8 @@ class OpenVINOUNet:
                 example = (torch.zeros(2, c.in_channels, 8, 8), torch.full((2,), 500.0),
                            torch.zeros(2, 77, c.context_dim))
                 dynamic = [[-1, c.in_channels, -1, -1], [-1], [-1, -1, c.context_dim]]
-                self.compiled = self._compiler.compile("unet", self.torch_module, example, dynamic, weights)
+                self.compiled = self._compiler.compile("unet", self.torch_module, example, dynamic, weights,
+                                                       compress=True)
                 self._compiled_for = loras
             return self.compiled
 

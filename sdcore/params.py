@@ -24,6 +24,9 @@ MIN_SIZE, MAX_SIZE = 64, 2048  # the U-Net downsamples the 1/8 latent 3 times; 2
 GUIDANCE_RANGE = (0.0, 100.0)
 ETA_RANGE = (0.0, 1.0)
 PRECISIONS = ("fp32", "fp16", "bf16")  # the model's weight and activation precision (sdcore.load's dtype)
+# sdcore.load's dtype with backend "openvino": OpenVINO's precision (sdcore.openvino.PRECISIONS; int8: the
+# U-Net's weights compressed to int8, computed in f32)
+OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
 BACKENDS = ("torch", "openvino")  # what runs the U-Net and the VAE: torch, or OpenVINO (sdcore.openvino)
 # sdcore.load takes a backend, or "auto": openvino for fp32 on the CPU where it is installed, else torch
 LOAD_BACKENDS = ("auto", *BACKENDS)

@@ -64,7 +64,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise ValueError(f"dtype {dtype!r} is not supported; use one of {list(PRECISIONS)}, "
-                     "torch.float32/float16/bfloat16, or None (fp16 on CUDA, fp32 elsewhere)")
+                     "torch.float32/float16/bfloat16, or None (fp16 on CUDA, fp32 elsewhere); int8 with "
+                     "backend 'openvino' only")
 
 
 def load(source: str, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
@@ -79,8 +80,9 @@ def load(source: str, device: str | torch.device = "auto", dtype: str | torch.dt
     use instead of the checkpoint's (sdcore.checkpoints.load_vae).
 
     backend "openvino" runs the U-Net and the VAE compiled with OpenVINO on the CPU (Pipeline.use_openvino):
-    the weights load in fp32 and dtype names OpenVINO's precision, fp32 (None) or bf16 where the CPU has it
-    natively. It excludes winograd; like winograd, it stays off on a GPU that device "auto" finds.
+    the weights load in fp32 and dtype names OpenVINO's precision, fp32 (None), bf16 where the CPU has it
+    natively, or int8 (the U-Net's weights compressed to int8 by NNCF, computed in f32). It excludes
+    winograd; like winograd, it stays off on a GPU that device "auto" finds.
     backend "auto" is "openvino" for fp32 on the CPU when the openvino package is installed (winograd then
     stays off: OpenVINO runs its own convolutions), and "torch" otherwise, with a warning on the CPU that
     names the package; Pipeline.backend says which one runs."""
@@ -201,11 +203,12 @@ class Pipeline:
         self.winograd = bool(enabled)
 
     def use_openvino(self, precision: str = "fp32") -> None:
-        """Run the U-Net and the VAE compiled with OpenVINO on the CPU (sdcore.openvino), in OpenVINO's fp32
-        or, where the CPU has it natively, bf16; the text encoder, the samplers and every random draw stay
-        in torch. The converted models are cached on disk by the weights' SHA-256 (random weights are
-        converted every time). A LoRA set converts the U-Net again on its first batch (or reads it from the
-        cache). A VAE added with add_vae runs in torch. Pixels: within a level or two of the torch path.
+        """Run the U-Net and the VAE compiled with OpenVINO on the CPU (sdcore.openvino), in OpenVINO's fp32,
+        bf16 where the CPU has it natively, or int8 (the U-Net's weights as int8, computed in f32; not the
+        same pixels); the text encoder, the samplers and every random draw stay in torch. The converted
+        models are cached on disk by the weights' SHA-256 (random weights are converted every time). A LoRA
+        set converts the U-Net again on its first batch (or reads it from the cache). A VAE added with
+        add_vae runs in torch. Pixels (fp32): within a level or two of the torch path.
         Memory: the compiled weights, next to the torch weights that LoRAs merge into. Speed: BENCHMARKS.md.
         """
         from sdcore import openvino

@@ -21,6 +21,7 @@ import sdcore
 from sdcore import Pipeline
 from sdcore.config import CLIPConfig, UNetConfig, VAEConfig, tiny_clip, tiny_unet, tiny_vae
 from sdcore.openvino import openvino_precision
+from sdcore.params import Request
 from tests.fixtures_checkpoints import write_safetensors
 from tests.reference import original_state_dict
 from tests.test_lora import kohya_state_dict, random_layers, unet_linear_names, write_lora
@@ -125,6 +126,21 @@ def test_a_lora_set_converts_the_unet_again_and_matches_torch(tiny):
     assert ov_pipe.unet.compiled.folder == base.folder
 
 
+def test_int8_keeps_the_unet_weights_as_int8_in_a_cache_entry_of_its_own(tiny, monkeypatch):
+    monkeypatch.setenv("SDCORE_OPENVINO_CACHE", str(tiny.cache))
+    int8 = sdcore.load(tiny.path, backend="openvino", dtype="int8")
+    fp32_unet, unet = tiny.ours.unet.compiled, int8.unet.compiled
+    assert int8.precision == "int8" and unet.converted and unet.folder != fp32_unet.folder
+    # a quarter of the bytes, plus a scale and a zero point per output channel
+    assert (unet.folder / "model.bin").stat().st_size < 0.35 * (fp32_unet.folder / "model.bin").stat().st_size
+    assert not int8.vae.decoder.converted and int8.vae.decoder.folder == tiny.ours.vae.decoder.folder
+    image, fp32 = (generate_batch(pipe, ["a cat"], [1])[0] for pipe in (int8, tiny.ours))
+    difference = np.abs(image.astype(int) - fp32.astype(int))
+    print(f"\nint8 vs fp32, tiny random weights: max {difference.max()} levels, mean {difference.mean():.2f}")
+    assert 0 < difference.mean() < 8  # measured: max 14, mean 1.36
+    assert int8.metadata(Request(prompt="a cat", seed=1))["precision"] == "int8"
+
+
 # -- the torch path's weights (issue 16, item 4) ------------------------------------------------------------
 
 def file_mappings(path) -> list[tuple[int, int]]:
@@ -186,14 +202,21 @@ def test_the_cpu_worker_config_runs_auto_with_winograd_and_a_bad_backend_is_refu
     assert (model.backend, model.winograd) == ("auto", True)
     assert load_config(REPO / "configs" / "demo.yaml", environ={}).model.backend == "torch"
     config = tmp_path / "config.yaml"
-    config.write_text("model: {checkpoint: tiny-random, device: cpu, backend: openvino, precision: bf16}\n")
-    assert load_config(config, environ={}).model.precision == "bf16"  # the CPU's bf16 is checked at start
+    for precision in ("bf16", "int8"):  # the CPU's bf16 is checked at start
+        config.write_text(f"model: {{checkpoint: tiny-random, device: cpu, backend: openvino, precision: "
+                          f"{precision}}}\n")
+        assert load_config(config, environ={}).model.precision == precision
     for model, message in [
         ("backend: onnx", r"model\.backend: 'onnx' is not a backend; accepted: auto, torch, openvino"),
         ("backend: openvino, winograd: true", r"model\.backend: openvino with device auto, winograd True"),
         ("device: cpu, backend: auto, precision: bf16",
-         r"model\.precision: bf16 on device cpu is unsupported; accepted: fp32 on cpu \(or bf16 with backend "
-         r"openvino\)"),
+         r"model\.precision: bf16 on device cpu is unsupported; accepted: fp32 on cpu \(bf16 or int8 with "
+         r"backend openvino\)"),
+        ("precision: int8",
+         r"model\.precision: 'int8' is not a precision; accepted: fp32, fp16, bf16 \(fp32, bf16, int8 with "
+         r"backend openvino\)"),
+        ("backend: openvino, precision: int8",
+         r"model\.precision: int8 with device auto; accepted: int8 with device cpu"),
     ]:
         config.write_text(f"model: {{checkpoint: tiny-random, {model}}}\n")
         with pytest.raises(ConfigError, match=message):

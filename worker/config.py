@@ -1,8 +1,9 @@
 """YAML config -> validated, frozen settings.
 
     model:    {checkpoint: PATH | tiny-random, name (default: the file's stem, the folder's name or
-               tiny-random), precision: fp32|fp16|bf16, device: auto|cpu|cuda, winograd, vae: PATH (optional:
-               a standalone VAE instead of the checkpoint's), backend: torch|openvino|auto}
+               tiny-random), precision: fp32|fp16|bf16 (|int8 with backend openvino), device: auto|cpu|cuda,
+               winograd, vae: PATH (optional: a standalone VAE instead of the checkpoint's),
+               backend: torch|openvino|auto}
     models:   {NAME: {queue: QUEUE, sha256: HEX (optional)}, ...} (optional): the fleet's other models, which
               a prompt line names in `model`; this config's own model is served on broker.queue
     sampling: {sampler, steps, guidance_scale, width, height, eta, micro_batch, seed}
@@ -39,6 +40,7 @@ from sdcore.params import (
     LOAD_BACKENDS,
     MAX_SEED,
     MAX_STEPS,
+    OPENVINO_PRECISIONS,
     PRECISIONS,
     Generation,
     check_float,
@@ -365,18 +367,21 @@ def _model(values: dict) -> ModelSettings:
                                "not one", "a name of 1-64 characters of A-Z a-z 0-9 _ . - (jobs name models)")
     else:
         check_model_name("model.name", model.name)
-    if model.precision not in PRECISIONS:
-        raise InvalidField("model.precision", f"{shown(model.precision)} is not a precision",
-                           ", ".join(PRECISIONS))
+    if model.precision not in (OPENVINO_PRECISIONS if model.backend == "openvino" else PRECISIONS):
+        accepted = (f"{', '.join(OPENVINO_PRECISIONS)} with backend openvino" if model.backend == "openvino"
+                    else f"{', '.join(PRECISIONS)} ({', '.join(OPENVINO_PRECISIONS)} with backend openvino)")
+        raise InvalidField("model.precision", f"{shown(model.precision)} is not a precision", accepted)
     if model.device not in DEVICES:
         raise InvalidField("model.device", f"{shown(model.device)} is not a device", ", ".join(DEVICES))
-    if model.device == "cpu" and model.precision != "fp32" and (model.backend, model.precision) != (
-            "openvino", "bf16"):
+    if model.device == "cpu" and model.precision != "fp32" and model.backend != "openvino":
         # torch on a CPU has no fast half types: bf16 matmul is emulated (~500x slower), fp16 lacks kernels.
         # OpenVINO runs bf16 natively where the CPU has AVX512-BF16 or AMX (sdcore.load checks at start).
         raise InvalidField("model.precision", f"{model.precision} on device cpu is unsupported",
-                           "fp32 on cpu (or bf16 with backend openvino); fp16 or bf16 with device cuda or "
-                           "auto")
+                           "fp32 on cpu (bf16 or int8 with backend openvino); fp16 or bf16 with device cuda "
+                           "or auto")
+    if model.precision == "int8" and model.device != "cpu":
+        raise InvalidField("model.precision", f"int8 with device {model.device}",
+                           "int8 with device cpu and backend openvino (the U-Net's weights compressed)")
     if not isinstance(model.winograd, bool):
         raise InvalidField("model.winograd", f"{shown(model.winograd)} is not a boolean", "true, false")
     if model.winograd and (model.device == "cuda" or model.precision != "fp32"):
