@@ -20,6 +20,7 @@ converted every time and never cached.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import shutil
 import tempfile
@@ -38,7 +39,7 @@ INSTALL_HINT = "pip install -e '.[openvino]'"
 # sdcore precision name (sdcore.params.OPENVINO_PRECISIONS) -> OpenVINO's CPU inference precision. bf16 is a
 # compile-time hint over the same fp32 IR (weights and activations rounded to bf16 inside the CPU plugin),
 # offered where the CPU has it. int8 is the U-Net's weights stored as int8 with a scale and zero point per
-# output channel (NNCF's data-free compress_weights, INT8_ASYM), computed in f32: a quarter of the memory,
+# output channel (NNCF's data-free compress_weights, INT8_ASYM), computed in f32: under a third of the memory,
 # not the same pixels (BENCHMARKS.md). The VAE stays f32: it is 0.3 of 3.7 GB, and its errors go straight
 # into the pixels.
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
@@ -46,22 +47,13 @@ CACHE_ENV = "SDCORE_OPENVINO_CACHE"
 MODELS_SOURCE = Path(__file__).parent / "models"
 
 
-def import_openvino():
+def import_extra(name: str, needed_by: str):
+    """A package of the openvino extra, or an ImportError that says what needs it and how to install it."""
     try:
-        import openvino
+        return importlib.import_module(name)
     except ImportError as error:
-        raise ImportError(f"backend 'openvino' needs the openvino package, which is not installed: "
-                          f"{INSTALL_HINT}") from error
-    return openvino
-
-
-def import_nncf():
-    try:
-        import nncf
-    except ImportError as error:
-        raise ImportError(f"dtype int8 with backend 'openvino' needs the nncf package, which is not "
-                          f"installed: {INSTALL_HINT}") from error
-    return nncf
+        raise ImportError(f"{needed_by} needs the {name} package, which is not installed: {INSTALL_HINT}") \
+            from error
 
 
 def openvino_precision(device: torch.device, dtype, winograd: bool) -> str:
@@ -73,13 +65,14 @@ def openvino_precision(device: torch.device, dtype, winograd: bool) -> str:
         raise ValueError(f"dtype {dtype!r} is not offered by backend 'openvino'; accepted: "
                          f"{', '.join(PRECISIONS)} (None: fp32)")
     if precision == "int8":
-        import_nncf()
+        import_extra("nncf", "dtype int8 with backend 'openvino'")
     if torch.device(device).type != "cpu":
         raise ValueError(f"backend 'openvino' runs on the CPU, not on {device}; use device 'cpu' or 'auto'")
     if winograd:
         raise ValueError("winograd is a torch kernel and backend 'openvino' runs its own convolutions: "
                          "use one or the other")
-    capabilities = import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    openvino = import_extra("openvino", "backend 'openvino'")
+    capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if precision == "bf16" and "BF16" not in capabilities:
         raise ValueError(f"dtype bf16 with backend 'openvino' needs a CPU with native bf16 (AVX512-BF16 or "
                          f"AMX); this one offers {', '.join(capabilities)}: use fp32")
@@ -94,7 +87,7 @@ class Compiler:
     """Converts torch modules to OpenVINO models, through the IR cache, and compiles them for the CPU."""
 
     def __init__(self, precision: str = "fp32", cache: str | Path | None = None):
-        self.ov = import_openvino()
+        self.ov = import_extra("openvino", "backend 'openvino'")
         self.core = self.ov.Core()
         # Cached IR is read into memory, not mapped: mapped pages are page cache, which memory pressure
         # reclaims and the next step reads from disk again (see sdcore.checkpoints.build._build).
@@ -130,7 +123,7 @@ class Compiler:
                 model = self.ov.convert_model(traced, example_input=example,
                                               input=[self.ov.PartialShape(shape) for shape in dynamic])
             if compress:
-                nncf = import_nncf()
+                nncf = import_extra("nncf", "dtype int8 with backend 'openvino'")
                 model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
             if folder is not None:
                 self._save(model, folder)

@@ -577,8 +577,7 @@ class SentinelGroup:
                  READY_DEADLINE_S)
 
     def start_data_node(self, port: int, replica_of: int | None = None) -> None:
-        """Start (or restart on its data) a data node; a restarted former primary starts as one, and the
-        Sentinels turn it into a replica of the new primary, as they would in production."""
+        """Start (or restart on its data) a data node, as a replica of `replica_of` if given."""
         node_dir = self.dir / f"redis-{port}"
         node_dir.mkdir(parents=True, exist_ok=True)
         argv = [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
