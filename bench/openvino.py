@@ -1,16 +1,21 @@
 """sdcore on OpenVINO vs diffusers vs diffusers' U-Net on OpenVINO, CPU, full SD 1.5 dimensions (issue 16).
 
     flock /tmp/sd-heavy.lock python -m bench.openvino [--sizes 256,512] [--repeat 3]
-        [--full-image-sizes 256,512] [--bf16] [--out bench-out/openvino.json]
+        [--full-image-sizes 256,512] [--precisions bf16,int8] [--out bench-out/openvino.json]
     flock /tmp/sd-heavy.lock python -m bench.openvino --start-up [--out bench-out/openvino-start.json]
+    flock /tmp/sd-heavy.lock python -m bench.openvino --service [--out bench-out/openvino-service.json]
 
 Measures, in one process, on the same random weights (sdcore's modules share the diffusers models' storage):
 - one U-Net step with CFG (batch 2) at each size: sdcore with backend "openvino", diffusers eager, and
   diffusers' UNet2DConditionModel converted the same way (openvino.convert_model, dynamic shapes, CPU f32):
   alternating rounds, medians, max abs difference to diffusers;
 - a full image (text encode + 20 DDPM steps + VAE decode) at each size: sdcore on OpenVINO vs diffusers, and
-  the two images' difference in uint8 levels; with --bf16 also sdcore on OpenVINO bf16 against fp32;
+  the two images' difference in uint8 levels; with --precisions also sdcore on OpenVINO in bf16 / int8,
+  against fp32 and diffusers;
 - RSS after each phase.
+--service runs `sdbatch run` (the worker's own batch code, in one process) on a full-size checkpoint file with
+the CPU worker config's settings at 256x256, backend torch (winograd on and off) and openvino, and reports
+seconds per image from the images' metadata (generate + upload) and the command's wall time.
 --start-up writes a full-size checkpoint file and times fresh processes from start to a first U-Net step:
 torch, OpenVINO with an empty cache, OpenVINO from the cache; and each one's RSS. It also pages the torch
 weights out (MADV_PAGEOUT, what memory pressure does) and times a step again, for weights loaded as sdcore
@@ -137,8 +142,9 @@ def unet_step(ours, theirs, raw, size: int, repeat: int, report: Report) -> None
     report.add(**row)
 
 
-def full_image(ours, theirs, size: int, report: Report, bf16=None) -> None:
-    """One round each after the U-Net steps warmed both up: a diffusers image takes minutes here."""
+def full_image(ours, theirs, size: int, report: Report, others: dict) -> None:
+    """One round each after the U-Net steps warmed both up: a diffusers image takes minutes here. `others`:
+    sdcore on OpenVINO in other precisions (bf16, int8), compared with fp32 and diffusers."""
     images = {}
 
     def generate(pipe):
@@ -149,8 +155,9 @@ def full_image(ours, theirs, size: int, report: Report, bf16=None) -> None:
              "diffusers": lambda: images.update(diffusers=theirs(
                  PROMPT, num_inference_steps=STEPS, guidance_scale=7.5, width=size, height=size,
                  generator=torch.Generator().manual_seed(1)).images[0])}
-    if bf16 is not None:
-        calls["sdcore_openvino_bf16"] = lambda: images.update(sdcore_openvino_bf16=generate(bf16))
+    for precision, pipe in others.items():
+        calls[f"sdcore_openvino_{precision}"] = lambda p=pipe, n=precision: images.update(
+            {f"sdcore_openvino_{n}": generate(p)})
     load_before = os.getloadavg()[0]
     times = {}
     for name, call in calls.items():
@@ -165,12 +172,14 @@ def full_image(ours, theirs, size: int, report: Report, bf16=None) -> None:
                ratio_vs_diffusers=times["sdcore_openvino"] / times["diffusers"],
                max_uint8_diff=int(levels.max()), mean_uint8_diff=float(levels.mean()), rss_gib=rss_gib(),
                load_avg=[load_before, os.getloadavg()[0]])
-    if bf16 is not None:
-        bf16_levels = np.abs(pixels["sdcore_openvino_bf16"] - pixels["sdcore_openvino"])
-        row.update(bf16_vs_fp32_max_uint8_diff=int(bf16_levels.max()),
-                   bf16_vs_fp32_mean_uint8_diff=float(bf16_levels.mean()),
-                   bf16_vs_diffusers_max_uint8_diff=int(np.abs(pixels["sdcore_openvino_bf16"]
-                                                               - pixels["diffusers"]).max()))
+    for precision in others:
+        name = f"sdcore_openvino_{precision}"
+        vs_fp32, vs_diffusers = (np.abs(pixels[name] - pixels[other]) for other in ("sdcore_openvino",
+                                                                                    "diffusers"))
+        row.update({f"{precision}_ratio_vs_diffusers": times[name] / times["diffusers"],
+                    f"{precision}_vs_fp32_max_uint8_diff": int(vs_fp32.max()),
+                    f"{precision}_vs_fp32_mean_uint8_diff": float(vs_fp32.mean()),
+                    f"{precision}_vs_diffusers_max_uint8_diff": int(vs_diffusers.max())})
     report.add(**row)
 
 
@@ -225,16 +234,9 @@ def child(args) -> None:
 
 
 def start_up(report: Report) -> None:
-    from tests.fixtures_checkpoints import write_safetensors
-    from tests.reference import original_state_dict
-
     folder = Path(tempfile.mkdtemp(prefix="bench-openvino-", dir=os.environ.get("TMPDIR")))
     try:
-        checkpoint = folder / "sd15-random.safetensors"
-        references = reference_models()
-        write_safetensors(checkpoint, original_state_dict(**references, non_weights=True))
-        del references
-        gc.collect()
+        checkpoint = write_checkpoint(folder)
         env = {**os.environ, "SDCORE_OPENVINO_CACHE": str(folder / "cache")}
         for case in ("torch", "mapped", "openvino-empty-cache", "openvino-cached"):
             load_before = os.getloadavg()[0]
@@ -249,14 +251,76 @@ def start_up(report: Report) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def write_checkpoint(folder: Path) -> Path:
+    """A full-size random-weight .safetensors in the original layout (the diffusers references' weights)."""
+    from tests.fixtures_checkpoints import write_safetensors
+    from tests.reference import original_state_dict
+
+    checkpoint = folder / "sd15-random.safetensors"
+    references = reference_models()
+    write_safetensors(checkpoint, original_state_dict(**references, non_weights=True))
+    del references
+    gc.collect()
+    return checkpoint
+
+
+SERVICE_CASES = {"torch": dict(backend="torch", winograd=False), "torch-winograd": dict(backend="torch",
+                 winograd=True), "openvino": dict(backend="openvino", winograd=False)}
+
+
+def service(report: Report, images: int, steps: int) -> None:
+    """`sdbatch run` per backend, the openvino case after a warm-up run that fills the IR cache."""
+    from tests.fixtures_servers import console_script
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-openvino-", dir=os.environ.get("TMPDIR")))
+    try:
+        checkpoint = write_checkpoint(folder)
+        prompts = folder / "prompts.txt"
+        prompts.write_text("".join(f"{PROMPT}, variation {n}\n" for n in range(images)))
+        env = {**os.environ, "SDCORE_OPENVINO_CACHE": str(folder / "cache")}
+        sdbatch = console_script("sdbatch", "pip install -e '.[worker]'")
+
+        def run(case: str, run_id: str) -> dict:
+            config = folder / f"{case}.yaml"
+            model = SERVICE_CASES[case]
+            config.write_text(json.dumps({
+                "model": {"checkpoint": str(checkpoint), "device": "cpu", **model},
+                "sampling": {"sampler": "dpmpp_2m_karras", "steps": steps, "width": START_UP_SIZE,
+                             "height": START_UP_SIZE, "micro_batch": 1},
+                "storage": {"url": f"file://{folder / 'out'}"}}))
+            load_before = os.getloadavg()[0]
+            start = time.perf_counter()
+            subprocess.run([sdbatch, "run", str(prompts), "--config", str(config), "--run-id", run_id],
+                           env=env, capture_output=True, text=True, check=True)
+            wall = time.perf_counter() - start
+            metas = [json.loads(p.read_text()) for p in (folder / "out" / run_id / "meta").glob("*.json")]
+            per_image = [m["timings"]["generate_s"] + m["timings"]["upload_s"] for m in metas]
+            return dict(case=case, images=len(metas), wall_s=wall, per_image_s=per_image,
+                        median_per_image_s=statistics.median(per_image), backend=metas[0]["backend"]
+                        if "backend" in metas[0] else "torch", load_avg=[load_before, os.getloadavg()[0]])
+
+        run("openvino", "warm-up")  # converts the models into the cache, as a worker's first start does
+        rows = [run(case, case) for case in SERVICE_CASES]
+        torch_s = rows[0]["median_per_image_s"]
+        for row in rows:
+            report.add(bench="service", size=START_UP_SIZE, steps=steps, **row,
+                       vs_torch=row["median_per_image_s"] / torch_s)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="256", help="U-Net step image sizes, comma separated")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds per U-Net step size")
     parser.add_argument("--full-image-sizes", default="256", help="full image sizes, comma separated; "
                         "empty skips the full image")
-    parser.add_argument("--bf16", action="store_true", help="also sdcore on OpenVINO bf16 (full image)")
+    parser.add_argument("--precisions", default="", help="full image: also sdcore on OpenVINO in these "
+                        "precisions, comma separated (bf16 where the CPU has it, int8)")
     parser.add_argument("--start-up", action="store_true", help="start-up and memory-pressure runs only")
+    parser.add_argument("--service", action="store_true", help="`sdbatch run` per backend only")
+    parser.add_argument("--images", type=int, default=3, help="--service: images per backend")
+    parser.add_argument("--steps", type=int, default=10, help="--service: steps per image")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="JSON file for the results")
@@ -266,6 +330,8 @@ def main() -> None:
     report = Report(args.out)
     if args.start_up:
         return start_up(report)
+    if args.service:
+        return service(report, args.images, args.steps)
     references = reference_models()
     theirs = diffusers_pipeline(references)
     ours = sdcore_on_openvino(references)
@@ -275,9 +341,11 @@ def main() -> None:
         unet_step(ours, theirs, raw, size, args.repeat, report)
     del raw
     gc.collect()
-    bf16 = sdcore_on_openvino(references, "bf16") if args.bf16 else None
+    others = {precision: sdcore_on_openvino(references, precision) for precision in args.precisions.split(",")
+              if precision}
+    report.add(bench="models_ready", precisions=list(others), rss_gib=rss_gib(), load_avg=os.getloadavg()[0])
     for size in (int(s) for s in args.full_image_sizes.split(",") if s):
-        full_image(ours, theirs, size, report, bf16)
+        full_image(ours, theirs, size, report, others)
 
 
 if __name__ == "__main__":
