@@ -258,7 +258,8 @@ def test_gallery_without_redis_writes_the_page_from_storage_and_warns(tmp_path, 
     config = tmp_path / "sdbatch.yaml"
     config.write_text(f'model: {{checkpoint: tiny-random}}\nstorage: {{url: "file://{tmp_path / "out"}"}}\n')
     # a Redis that refuses at once, instead of progress.connect's ~40 s of retries
-    monkeypatch.setattr(progress, "connect", lambda url: redis.Redis(port=1, retry=Retry(NoBackoff(), 0)))
+    monkeypatch.setattr(progress, "connect",
+                        lambda url, master_name=None: redis.Redis(port=1, retry=Retry(NoBackoff(), 0)))
     warnings = []
 
     location = client.gallery(config, RUN, warnings.append)
