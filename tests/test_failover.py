@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import textwrap
 import time
 
@@ -94,7 +95,9 @@ def test_a_run_survives_two_primary_kills_with_every_image_once_and_exact_counte
     wait_for(lambda: clean.status().finished, "the run without faults", RUN_DEADLINE_S)
 
     assert done_at_kills[-1] < JOBS  # both kills came mid-run
-    assert (status.total, status.done, status.failed, status.cancelled) == (JOBS, JOBS, 0, 0)
+    lost = sorted(job_ids() - counters.done_ids())
+    assert (status.total, status.done, status.failed, status.cancelled) == (JOBS, JOBS, 0, 0), \
+        f"{'; '.join(timeline)}; failed: {counters.failures()}; not done: {lost}"
     assert counters.done_ids() == job_ids()
     expected = sorted(f"{run_id}/images/{job}.png" for job in job_ids())
     assert store.list(f"{run_id}/images") == expected
@@ -106,9 +109,11 @@ def test_a_run_survives_two_primary_kills_with_every_image_once_and_exact_counte
         # the pixels of a run without faults (its PNG's text chunk names the other run)
         assert pixels(png) == pixels(store.get(f"{clean_id}/images/{job}.png"))
     assert all(worker.running for worker in workers)
-    batches_run = sum(worker.log_path.read_text().count("succeeded in") for worker in workers)
+    logs = "".join(worker.log_path.read_text() for worker in workers)
+    batches_run = len(re.findall(r"generate_batch\[[-0-9a-f]+\] succeeded in", logs))
     print(f"\nfailover: {'; '.join(timeline)}; run finished {finished_s:.0f} s after its enqueue; "
-          f"{batches_run - 2 * JOBS // MICRO_BATCH} batches ran twice")
+          f"{batches_run - 2 * JOBS // MICRO_BATCH} batches ran twice; reconciles that found lost jobs: "
+          f"{'; '.join(re.findall(r'reconcile: run failover (had .*)', logs)) or 'none'}")
 
 
 @pytest.mark.integration

@@ -163,6 +163,7 @@ def enqueue_prepared(settings: Settings, run_id: str, jobs: list[Job], header: d
         server = counters.server_id()
         counters.begin(len(jobs))
         send(settings, run_id, jobs, header["priority"])
+        counters.mark_sent()
         if counters.replicate() != server:
             # a failover (or a restart) came between the first write and the replica's acknowledgement of
             # the last: the new primary may lack the counters or some messages (replication is
@@ -260,6 +261,7 @@ def resume(config, run_id: str) -> int:
                        pending=sorted(missing_ids))
         if missing:
             send(settings, run_id, missing, header.get("priority", "normal"))
+        counters.mark_sent()
         if counters.replicate() == server:
             return len(missing)
         log.warning("run %s: the broker failed over while it was resumed; resuming it again", run_id)

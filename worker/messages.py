@@ -30,6 +30,7 @@ from worker.validate import (
 
 TASK_NAME = "sdbatch.generate_batch"
 FINISH_TASK_NAME = "sdbatch.finish_run"  # args: run id, finish number (worker.finish)
+RECONCILE_TASK_NAME = "sdbatch.reconcile"  # no args (worker.reconcile)
 MESSAGE_VERSION = 1
 # A run's priority as kombu's Redis transport orders messages: one list per step of its priority_steps
 # (0, 3, 6, 9), BRPOP'd in that order, so 0 is served first. A message without one counts as 0, hence the

@@ -8,7 +8,8 @@ the `failed` hash (job id -> reason), removed when the job later succeeds.
                                     state (absent while the run is active; "paused" or "cancelled"),
                                     finished ("1" from the claim of a finish until jobs are pending again),
                                     finishes (how many times it finished), finished_at, and
-                                    finish:{n}:{step} marks of worker.finish's steps done
+                                    finish:{n}:{step} marks of worker.finish's steps done, sent (time
+                                    the enqueue or resume that began the run sent its last message)
     sdbatch:run:{run_id}:done       set of job ids
     sdbatch:run:{run_id}:images     hash job id -> SHA-256 of its PNG, for the results manifest
     sdbatch:run:{run_id}:failed     hash job id -> reason
@@ -191,7 +192,7 @@ class RunProgress:
         pipe = self.client.pipeline()
         pipe.hset(self.info_key, mapping={"total": total})
         pipe.hsetnx(self.info_key, "created", time.time())
-        pipe.hdel(self.info_key, "finished")
+        pipe.hdel(self.info_key, "finished", "sent")
         if cancelled:
             pipe.hdel(self.info_key, "state")
         if done:
@@ -204,6 +205,14 @@ class RunProgress:
                 pipe.srem(self.cancelled_key, *ids)
         self._refresh(pipe)
         pipe.execute()
+
+    def mark_sent(self) -> None:
+        """Every message of the enqueue (or resume) that `begin` began is sent: from now on a pending job that
+        no message holds was lost (worker.reconcile), not yet to be sent."""
+        self.client.hset(self.info_key, "sent", time.time())
+
+    def is_sent(self) -> bool:
+        return bool(self.client.hexists(self.info_key, "sent"))
 
     def server_id(self) -> str:
         """The run id of the Redis server that answers: another one after a failover or a restart, which may

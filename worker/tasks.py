@@ -8,10 +8,14 @@ pipeline as it starts (`worker_process_init`), after the fork, so the first batc
 load and the GPU context and sockets are its own. The worker's main process never loads a model: it runs only
 `on_failure` for a batch killed by its hard time limit, which needs the settings and the Redis client.
 
-A store that is down makes the task retry later; a malformed message is rejected with a log line. Whatever
-else ends a batch (its hard time limit, a bug, a store down for an hour) is recorded by
-`BatchTask.on_failure` as the failure of its unfinished jobs, so no consumed job stays pending: `status`
-finishes and `retry` takes them again.
+Each time a worker's consumer (re)connects to the broker, `ReconcileOnConnect` asks whether the fleet's Redis
+changed (a failover, a restart) and, once per change, sends the reconcile task (worker.reconcile), which
+enqueues again the jobs such a change lost.
+
+A store or a Redis that is down makes the task retry later; a malformed message is rejected with a log
+line. Whatever else ends a batch (its hard time limit, a bug, a store down for an hour) is recorded by
+`BatchTask.on_failure` as the failure of its unfinished jobs (a job whose image is stored is done), so no
+consumed job stays pending: `status` finishes and `retry` takes them again.
 """
 
 from __future__ import annotations
@@ -21,25 +25,35 @@ import socket
 import time
 from functools import cached_property
 
-from celery import Task, shared_task
-from celery.exceptions import Reject, TimeLimitExceeded
-from celery.signals import worker_process_init
+from celery import Task, bootsteps, shared_task
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.signals import worker_init, worker_process_init
 from celery.worker.request import Request
-from redis import Redis
+from redis import Redis, RedisError
 
-from worker import config, metrics, progress
+from worker import config, metrics, progress, reconcile
 from worker.adapters import Adapters
 from worker.batch import BatchRunner, load_pipeline, process
 from worker.config import Settings
 from worker.finish import conclude, finish_if_done, notify
-from worker.messages import FINISH_TASK_NAME, TASK_NAME, MessageError, capped_time_limits, from_message
-from worker.storage import StorageUnavailable, open_storage
+from worker.messages import (
+    FINISH_TASK_NAME,
+    PRIORITIES,
+    RECONCILE_TASK_NAME,
+    TASK_NAME,
+    MessageError,
+    capped_time_limits,
+    from_message,
+)
+from worker.storage import StorageError, StorageUnavailable, open_storage
 
 log = logging.getLogger(__name__)
 STORAGE_RETRY_DELAYS = (1, 2, 5, 10, 20)  # seconds; kept below the visibility timeout (see worker.app)
 STORAGE_MAX_RETRIES = 180  # ~1 hour of outage before the jobs are recorded as failed
 HOOK_RETRY_DELAYS = (1, 2, 5, 10, 20, 30)  # seconds; below the visibility timeout, as the storage's
 HOOK_MAX_RETRIES = 120  # ~1 hour of a receiver down before the hook is given up (logged)
+RECONCILE_DELAY_S = 5  # the other workers reconnect meanwhile, and return what they took as the broker went
+RECONCILE_RETRY_S, RECONCILE_MAX_RETRIES = 10, 60  # a store or Redis down: again for ~10 minutes
 
 
 class BatchRequest(Request):
@@ -80,13 +94,16 @@ class BatchTask(Task):
         return progress.connect(self.settings.broker.url, self.settings.broker.master_name)
 
     @cached_property
+    def store(self):
+        return open_storage(self.settings.storage)
+
+    @cached_property
     def runner(self) -> BatchRunner:
         """The resident pipeline and the store; made in a pool process only."""
         adapters = Adapters(self.settings.adapters, self.settings.storage.endpoint_url) \
             if self.settings.adapters.configured else None
         pipe = load_pipeline(self.settings.model, adapters)
-        return BatchRunner(pipe, open_storage(self.settings.storage), socket.gethostname(), adapters,
-                           self.settings.model.name)
+        return BatchRunner(pipe, self.store, socket.gethostname(), adapters, self.settings.model.name)
 
     @cached_property
     def model(self) -> str:
@@ -107,9 +124,11 @@ class BatchTask(Task):
         finish_if_done(self.app, self.settings, recorder)
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
-        """A batch that ended by an exception: its jobs not done are recorded as failed. Celery calls this in
-        the pool process for an exception, and in the worker's main process for the hard time limit (which
-        kills the pool process, so nothing of the batch could record itself)."""
+        """A batch that ended by an exception: its jobs not done are recorded as failed, except those whose
+        image and metadata are stored (the batch ended as it recorded them: waiting on a broker that failed
+        over, say), which are done. Celery calls this in the pool process for an exception, and in the
+        worker's main process for the hard time limit (which kills the pool process, so nothing of the batch
+        could record itself)."""
         if isinstance(exc, JobsFailed):
             return  # every job is recorded already, a failed one with its own reason
         if isinstance(exc, TimeLimitExceeded):
@@ -126,7 +145,14 @@ class BatchTask(Task):
                 raise
             recorder = self.recorder(run_id)
             for job in jobs:
-                recorder.failed(job.job_id, reason)
+                try:
+                    sha256 = reconcile.stored_image(self.store, run_id, job.job_id)
+                except StorageError:  # cannot tell: failed, and `sdbatch retry` makes the same bytes again
+                    sha256 = None
+                if sha256 is None:
+                    recorder.failed(job.job_id, reason)
+                else:
+                    recorder.done(job.job_id, sha256)
             finish_if_done(self.app, self.settings, recorder)
         except Exception as error:  # a message that never was usable, or Redis gone: `resume` finds them
             log.error("task %s failed (%s) and its jobs could not be recorded as failed: %s", task_id, reason,
@@ -153,11 +179,16 @@ def generate_batch(self: BatchTask, message):
         self.record_refusal(error)
         log.error("rejected message %s: %s", self.request.id, error)
         raise Reject(str(error), requeue=False) from None
-    except StorageUnavailable as error:
+    except (StorageUnavailable, RedisError, SoftTimeLimitExceeded) as error:
+        # The model's own time limit is recorded where it runs (worker.batch); one that escapes came while
+        # the batch waited on the store or on Redis (a failover: redis-py retries for ~40 s), as do
+        # RedisErrors after those retries. Neither is the batch's fault: it runs again later.
         if self.request.retries >= self.max_retries:
             raise  # on_failure records the batch's jobs as failed
         delay = STORAGE_RETRY_DELAYS[min(self.request.retries, len(STORAGE_RETRY_DELAYS) - 1)]
-        log.warning("storage unavailable (%s); retrying the batch in %d s", error, delay)
+        what = "storage" if isinstance(error, StorageUnavailable) else "broker"
+        log.warning("%s unavailable (%s: %s); retrying the batch in %d s", what, type(error).__name__, error,
+                    delay)
         raise self.retry(countdown=delay) from None
     failures = {job: reason for recorder in recorders for job, reason in recorder.recorded_failures.items()}
     if failures:
@@ -192,6 +223,52 @@ def finish_run(self: FinishTask, run_id: str, finish: int):
         raise self.retry(countdown=delay) from None
     counters.mark_finish_step(finish, "hook")
     log.info("run %s: finish %d announced to %s", run_id, finish, url)
+
+
+class ReconcileTask(BatchTask):
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        log.error("reconcile %s failed: %s: %s; the next change of the broker sends another", task_id,
+                  type(exc).__name__, exc)
+
+
+@shared_task(name=RECONCILE_TASK_NAME, bind=True, base=ReconcileTask, max_retries=RECONCILE_MAX_RETRIES)
+def reconcile_runs(self: ReconcileTask):
+    """worker.reconcile: the pending jobs that no message holds after the broker changed, enqueued again (or
+    recorded done, when storage holds their images)."""
+    try:
+        reconcile.started(self.redis)
+        reconcile.reconcile(self.app, self.settings, self.redis, self.runner.store)
+    except (StorageUnavailable, RedisError) as error:
+        log.warning("reconcile: %s; again in %d s", error, RECONCILE_RETRY_S)
+        raise self.retry(countdown=RECONCILE_RETRY_S) from None
+
+
+class ReconcileOnConnect(bootsteps.StartStopStep):
+    """A step of the worker's consumer, which Celery starts again at each connection to the broker: it
+    records the Redis server in the broker (worker.reconcile.request) and sends the reconcile task when the
+    server is another one than the fleet saw last, or on a reconnection, once for all workers that see it."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent, **kwargs):
+        super().__init__(parent, **kwargs)
+        self.connections = 0
+
+    def start(self, parent) -> None:
+        self.connections += 1
+        task = parent.app.tasks[TASK_NAME]
+        try:
+            if reconcile.request(task.redis, reconnected=self.connections > 1):
+                parent.app.send_task(RECONCILE_TASK_NAME, queue=task.settings.broker.queue,
+                                     priority=PRIORITIES["high"], countdown=RECONCILE_DELAY_S)
+                log.info("broker changed or reconnected: reconcile sent")
+        except Exception as error:  # the consumer must start all the same: the next reconnection asks again
+            log.error("could not request a reconcile: %s: %s", type(error).__name__, error)
+
+
+@worker_init.connect
+def _add_reconcile_step(sender, **_) -> None:
+    sender.app.steps["consumer"].add(ReconcileOnConnect)
 
 
 @worker_process_init.connect
