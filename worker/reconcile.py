@@ -128,8 +128,9 @@ def unfinished_runs(client) -> list[str]:
 
 
 def reconcile(app, settings, client, store) -> dict[str, tuple[int, int]]:
-    """Steps 1-3 above on every run of `client`'s Redis whose record is in `store`; returns run id ->
-    (jobs found done in storage, jobs enqueued again), for the runs that had any."""
+    """Steps 1-3 above on every run of `client`'s Redis whose record is in `store`, for the jobs of the
+    models that `settings` routes (config models:, whose queues it reads); returns run id -> (jobs found done
+    in storage, jobs enqueued again), for the runs that had any."""
     start = time.perf_counter()
     queues = sorted({settings.broker.queue} | {route.queue for route in settings.models.values()})
     runs = unfinished_runs(client)
@@ -147,7 +148,9 @@ def reconcile(app, settings, client, store) -> dict[str, tuple[int, int]]:
             log.warning("reconcile: run %s skipped: %s", run_id, error)
             continue
         ended = counters.done_ids() | set(counters.failures()) | counters.cancelled_ids()
-        lost = [job for job in jobs if job.job_id not in ended and job.job_id not in in_messages]
+        # a job of a model this worker's config does not route lives in a queue it did not read
+        lost = [job for job in jobs if job.job_id not in ended and job.job_id not in in_messages
+                and (job.model is None or job.model in settings.models)]
         if not lost:
             continue
         stored, again = [], []

@@ -237,7 +237,7 @@ def reconcile_runs(self: ReconcileTask):
     recorded done, when storage holds their images)."""
     try:
         reconcile.started(self.redis)
-        reconcile.reconcile(self.app, self.settings, self.redis, self.runner.store)
+        reconcile.reconcile(self.app, self.settings, self.redis, self.store)
     except (StorageUnavailable, RedisError) as error:
         log.warning("reconcile: %s; again in %d s", error, RECONCILE_RETRY_S)
         raise self.retry(countdown=RECONCILE_RETRY_S) from None
